@@ -1,0 +1,102 @@
+"""ModelConfig -> megatron-core TransformerConfig + GPTModel (one pipeline stage of it)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from framework.models.config import ModelConfig
+from framework.models.norms import norm_class
+
+
+def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
+                       params_dtype: torch.dtype = torch.float32, on_gpu: bool = False):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        layernorm_epsilon=model.norm_eps,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sp,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        # The fusions below need CUDA kernels; off everywhere keeps CPU and GPU numerics identical.
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        calculate_per_token_loss=True,
+    )
+
+
+def layer_spec(config, use_te: bool):
+    """Transformer Engine spec on a GPU with TE; otherwise megatron's local spec with SP-capable norms."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    norm = ModuleSpec(module=norm_class(config.normalization))
+    spec.submodules.input_layernorm = norm
+    spec.submodules.pre_mlp_layernorm = norm
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=norm)
+
+
+def te_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # TE raises assorted errors when cuDNN or its libraries are missing
+        return False
+    return True
+
+
+def build_gpt(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
+              params_dtype: torch.dtype = torch.float32):
+    """Build this rank's pipeline stage of a Llama-style GPTModel. Process groups must exist."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from framework.runtime import cpu_compat
+
+    cpu_compat.refresh()
+    on_gpu = torch.cuda.is_available()
+    config = transformer_config(model, tp, pp, sp, params_dtype, on_gpu)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config, use_te=te_available()),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model.rotary_base),
+        parallel_output=True,
+    )
+    if on_gpu:
+        gpt.cuda(torch.cuda.current_device())
+    return gpt
