@@ -1,1 +1,12 @@
-"""data."""
+"""SFT data: files -> validated records -> token ids + loss mask -> batches.
+
+- ``errors``: ``DataError`` (file:line: message), ``TokenizerError``
+- ``tokenizer``: ``Tokenizer.from_dir`` over the ``tokenizers`` library
+- ``jsonl``: line-by-line JSONL reading with exact error locations
+- ``prompt_completion``: the prompt/completion format, sample building and the truncation rule
+- ``sample``: ``Sample(input_ids, loss_mask)``
+- ``report``: ``FileReport`` counts (kept / truncated / dropped by reason, tokens) and its table
+- ``prepare``: ``prepare(paths, tokenizer, max_length, truncation_side)``, shared by training and
+  ``launch/prepare_data.py``
+- ``batching``: ``collate``, ``BatchOrder``, ``micro_batches``
+"""
