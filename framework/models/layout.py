@@ -18,26 +18,26 @@ def check_layout(model: ModelConfig, tp: int, pp: int, sp: bool = False, world_s
     problems = []
     heads, groups = model.num_attention_heads, model.num_query_groups
     if tp < 1 or pp < 1:
-        problems.append(f"parallel.tp={tp} and parallel.pp={pp} must be >= 1")
+        problems.append(f"parallel.tensor={tp} and parallel.pipeline={pp} must be >= 1")
     elif heads % tp or groups % tp:
         ok = [k for k in divisors(groups) if heads % k == 0]
         problems.append(
-            f"parallel.tp={tp} does not divide the model's {heads} query heads and {groups} KV heads "
+            f"parallel.tensor={tp} does not divide the model's {heads} query heads and {groups} KV heads "
             f"(each TP rank must hold whole query groups); tensor-parallel sizes that work: {ok}")
     elif model.vocab_size % tp:
         ok = [k for k in divisors(groups) if heads % k == 0 and model.vocab_size % k == 0]
-        problems.append(f"parallel.tp={tp} does not divide the vocabulary size {model.vocab_size}; "
+        problems.append(f"parallel.tensor={tp} does not divide the vocabulary size {model.vocab_size}; "
                         f"sizes that work: {ok}")
     elif model.ffn_hidden_size % tp:
-        problems.append(f"parallel.tp={tp} does not divide ffn_hidden_size={model.ffn_hidden_size}")
+        problems.append(f"parallel.tensor={tp} does not divide ffn_hidden_size={model.ffn_hidden_size}")
     if pp >= 1 and model.num_layers % pp:
-        problems.append(f"parallel.pp={pp} does not divide the model's {model.num_layers} layers; "
+        problems.append(f"parallel.pipeline={pp} does not divide the model's {model.num_layers} layers; "
                         f"pipeline sizes that work: {divisors(model.num_layers)}")
     if sp and tp == 1:
-        problems.append("parallel.sp=true needs parallel.tp > 1 (sequence parallelism splits along the "
+        problems.append("parallel.sequence=true needs parallel.tensor > 1 (sequence parallelism splits along the "
                         "tensor-parallel group)")
     if world_size is not None and tp >= 1 and pp >= 1 and world_size % (tp * pp):
-        problems.append(f"world size {world_size} is not a multiple of parallel.tp x parallel.pp = {tp * pp}; "
+        problems.append(f"world size {world_size} is not a multiple of parallel.tensor x parallel.pipeline = {tp * pp}; "
                         f"launch a multiple of {tp * pp} processes")
     if problems:
         raise LayoutError("invalid parallel layout:\n  - " + "\n  - ".join(problems))

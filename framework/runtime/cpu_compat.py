@@ -19,10 +19,11 @@ Each served call is recorded by call site and logged once at DEBUG. A call from 
 that is not in :data:`SERVED_MODULES` raises :class:`CpuCompatError` naming the file, line and the
 call: a megatron upgrade that adds a CUDA-only call fails loudly instead of deep inside torch.
 
-Two sites are not reachable through the ``torch`` name (``Tensor.type()`` compared to
-``'torch.cuda.FloatTensor'`` in gradient clipping, and the CUDA-generator helpers in
-``tensor_parallel/random.py``); those functions are replaced by CPU equivalents, listed in
-:data:`REPLACED_FUNCTIONS`.
+Three sites are not reachable through the ``torch`` name (``Tensor.type()`` compared to
+``'torch.cuda.FloatTensor'`` in gradient clipping, the CUDA-generator helpers in
+``tensor_parallel/random.py``, and ``weight.data.cuda()`` when the last pipeline stage copies tied
+embeddings in ``LanguageModule.setup_embeddings_and_output_layer``); those functions are replaced by
+CPU equivalents, listed in :data:`REPLACED_FUNCTIONS` and :func:`_keep_tied_copy_on_cpu`.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ SERVED_MODULES = (
     "megatron.core.dist_checkpointing.strategies.torch",
     "megatron.core.dist_checkpointing.exchange_utils",
     "megatron.core.rerun_state_machine",
+    "megatron.core.models.common.language_module.language_module",
 )
 
 REPLACED_FUNCTIONS = (
@@ -240,6 +242,32 @@ class _QuietCpuRngWarning(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
+def _keep_tied_copy_on_cpu() -> None:
+    """Under PP with tied embeddings the last stage moves its output-weight copy with ``Tensor.cuda()``
+    before all-reducing it from the first stage; on CPU that move must be a no-op, for that call only."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+    if getattr(original, "_cpu_compat", False):
+        return
+
+    def setup_embeddings_and_output_layer(self):
+        real_cuda = torch.Tensor.cuda
+
+        def stay_on_cpu(t, *_a, **_k):
+            _serve("Tensor.cuda()")
+            return t
+
+        torch.Tensor.cuda = stay_on_cpu
+        try:
+            return original(self)
+        finally:
+            torch.Tensor.cuda = real_cuda
+
+    setup_embeddings_and_output_layer._cpu_compat = True
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
 def _megatron_modules():
     return [m for n, m in list(sys.modules.items()) if n.startswith("megatron.core") and m is not None]
 
@@ -264,6 +292,7 @@ def enable() -> None:
         mod = sys.modules.get(mod_name)
         if mod is not None and hasattr(mod, func):
             setattr(mod, func, _REPLACEMENTS[func])
+    _keep_tied_copy_on_cpu()
     logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_QuietCpuRngWarning())
     _active = True
     log.debug("cpu_compat enabled for %d megatron modules", len(_megatron_modules()))

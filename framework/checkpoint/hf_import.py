@@ -1,0 +1,184 @@
+"""Load a Hugging Face Llama safetensors checkpoint into this rank's stage of our GPTModel.
+
+Every rank reads only what its pipeline stage needs, one tensor at a time through
+``safetensors.safe_open`` (memory-mapped; the whole model is never in memory), and keeps its own
+tensor-parallel shard (transforms in framework/models/hf_llama.py). Strict in both directions:
+
+* every parameter of the stage is assigned exactly once, with the parameter's shape (the HF tensor
+  is cast to the parameter's dtype);
+* every HF tensor is known to the name table (or explicitly ignorable), its layer index exists, and
+  every tensor this stage needs is present.
+
+Any violation raises :class:`HFImportError` naming the tensor and the parameter; nothing is loaded
+partially without an error.
+
+Tied embeddings: with ``tie_word_embeddings`` and one pipeline stage, megatron's output layer has no
+weight of its own (it multiplies by ``embedding.word_embeddings.weight``). With several stages the last
+stage holds a separate ``output_layer.weight`` (megatron zeroes it and all-reduces it with the first
+stage's embedding over the embedding group at construction, then keeps the two in step by
+all-reducing their gradients); here both copies are filled from ``model.embed_tokens.weight``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from framework.models import hf_llama
+from framework.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class HFImportError(ValueError):
+    """A checkpoint that does not fit the model: names the tensor or parameter at fault."""
+
+
+def safetensors_index(hf_dir: str | Path) -> dict[str, Path]:
+    """{tensor name: file holding it} for a single-file or sharded safetensors checkpoint."""
+    from safetensors import safe_open
+
+    hf_dir = Path(hf_dir)
+    index = hf_dir / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {f: hf_dir / f for f in set(weight_map.values())}
+        absent = sorted(f for f, p in files.items() if not p.is_file())
+        if absent:
+            raise HFImportError(f"{index} names shard file(s) {absent} that do not exist")
+        return {name: files[f] for name, f in weight_map.items()}
+    single = hf_dir / SINGLE_FILE
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise HFImportError(f"{hf_dir} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors "
+                        f"checkpoints are read)")
+
+
+def _unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def _layer_offset(gpt) -> tuple[int, int]:
+    """(global index of this stage's first layer, number of layers on this stage)."""
+    layers = gpt.decoder.layers
+    if len(layers) == 0:
+        return 0, 0
+    offset = layers[0].layer_number - 1  # megatron numbers layers from 1, globally
+    numbers = [layer.layer_number - 1 for layer in layers]
+    if numbers != list(range(offset, offset + len(layers))):
+        raise HFImportError(f"this stage's layers are not contiguous (global numbers {numbers}); "
+                            f"virtual pipeline stages are not supported by the HF import")
+    return offset, len(layers)
+
+
+def _check_config(hf_dir: Path, model_cfg: ModelConfig) -> None:
+    config = hf_dir / "config.json"
+    if not config.is_file():
+        raise HFImportError(f"{hf_dir} has no config.json")
+    found = hf_llama.config_from_hf(json.loads(config.read_text()))
+    bad = hf_llama.arch_mismatches(model_cfg, found)
+    if bad:
+        raise HFImportError(f"{config} does not match the model being loaded:\n  " + "\n  ".join(bad))
+
+
+def load_hf_into_gpt(gpt_model, hf_dir: str | Path, model_cfg: ModelConfig) -> dict:
+    """Fill this rank's stage of ``gpt_model`` from the HF checkpoint in ``hf_dir``.
+
+    Process groups must exist (TP rank/size come from megatron's parallel_state). Call it before PEFT
+    wraps the model: adapter parameters have no HF source and would be reported as unassigned.
+    Returns a small report: {'assigned': [our parameter names], 'hf_tensors_read': n}.
+    """
+    from megatron.core import parallel_state
+    from safetensors import safe_open
+
+    hf_dir = Path(hf_dir)
+    _check_config(hf_dir, model_cfg)
+    gpt = _unwrap(gpt_model)
+    index = safetensors_index(hf_dir)
+    tied = model_cfg.tie_word_embeddings
+    offset, n_local = _layer_offset(gpt)
+
+    # The HF side: every name must be known, and its layer must exist.
+    for name in index:
+        try:
+            kind = hf_llama.classify_hf_name(name, tied, model_cfg.num_layers)
+        except ValueError as e:  # a layer index beyond the model
+            raise HFImportError(f"{e} (in {index[name].name})") from None
+        if kind is None:
+            raise HFImportError(f"HF tensor {name!r} in {index[name].name} is not a Llama weight "
+                                f"known to framework/models/hf_llama.py (LLAMA_WEIGHTS)")
+
+    params = dict(gpt.named_parameters())
+    ctx = hf_llama.ShardContext(
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        num_heads=model_cfg.num_attention_heads, num_groups=model_cfg.num_query_groups)
+
+    assigned: dict[str, str] = {}
+    n_read = 0
+    with contextlib.ExitStack() as stack:
+        handles = {}
+
+        def read(hf_name: str, ours: str) -> torch.Tensor:
+            if hf_name not in index:
+                raise HFImportError(f"HF tensor {hf_name!r} (needed for parameter {ours!r}) is missing "
+                                    f"from the checkpoint in {hf_dir}")
+            path = index[hf_name]
+            if path not in handles:
+                handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
+            return handles[path].get_tensor(hf_name)
+
+        for rule in hf_llama.LLAMA_WEIGHTS:
+            if not rule.applies(tied):
+                continue
+            layers = range(n_local) if rule.per_layer else [None]
+            for local in layers:
+                fmt = {} if local is None else {"i": local}
+                hf_fmt = {} if local is None else {"i": local + offset}
+                ours = rule.ours.format(**fmt)
+                if ours not in params and rule.te_ours is not None:
+                    ours = rule.te_ours.format(**fmt)
+                if ours not in params:
+                    continue  # not on this stage (embedding off the first stage, output layer off the last)
+                param = params[ours]
+                hf_names = [p.format(**hf_fmt) for p in rule.hf]
+                tensors = [read(n, ours) for n in hf_names]
+                n_read += len(tensors)
+                try:
+                    value = hf_llama.apply_transform(rule, tensors, ctx)
+                except Exception as e:
+                    shapes = [tuple(t.shape) for t in tensors]
+                    raise HFImportError(f"cannot convert HF tensor(s) {hf_names} with shapes {shapes} into "
+                                        f"parameter {ours!r}: {e}") from e
+                if tuple(value.shape) != tuple(param.shape):
+                    shapes = [tuple(t.shape) for t in tensors]
+                    raise HFImportError(
+                        f"shape mismatch: HF tensor(s) {hf_names} with shapes {shapes} give "
+                        f"{tuple(value.shape)} on TP rank {ctx.tp_rank}/{ctx.tp_size}, but parameter {ours!r} "
+                        f"is {tuple(param.shape)}")
+                if ours in assigned:
+                    raise HFImportError(f"parameter {ours!r} assigned twice (from {assigned[ours]} and "
+                                        f"{hf_names}); the name table has overlapping rules")
+                with torch.no_grad():
+                    param.copy_(value.to(dtype=param.dtype))
+                assigned[ours] = ", ".join(hf_names)
+                del tensors, value
+
+    unassigned = sorted(set(params) - set(assigned))
+    if unassigned:
+        raise HFImportError(f"parameter(s) {unassigned} of this stage have no source in the HF name table; "
+                            f"the model would keep random weights there")
+    log.info("loaded %d parameters of layers %d..%d from %s (%d HF tensors read)",
+             len(assigned), offset, offset + n_local - 1, hf_dir, n_read)
+    return {"assigned": sorted(assigned), "hf_tensors_read": n_read}
