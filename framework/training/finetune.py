@@ -1,0 +1,185 @@
+"""The fine-tuning job: config -> data -> model -> LoRA -> train -> adapter -> before/after completion.
+
+Order matters for users: everything that can be wrong in the configuration or the data is checked
+before any process group starts, so a bad key or a bad JSONL line costs seconds, not a cluster job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("framework.finetune")
+
+
+@dataclasses.dataclass
+class RunResult:
+    steps: int
+    val_loss_before: float
+    val_loss_after: float
+    train_losses: list
+    tokens_per_s: float
+    trainable_params: int
+    total_params: int
+    output_dir: str
+    adapter_dir: str | None
+    completion_before: str | None = None
+    completion_after: str | None = None
+
+
+def prepare_inputs(cfg: DictConfig, world_size: int):
+    """Validate config, resolve model files and tokenise data; no process groups needed."""
+    from framework.config.validate import validate
+    from framework.data.prepare import prepare
+    from framework.data.tokenizer import Tokenizer
+    from framework.models import hub
+
+    model_cfg = validate(cfg, world_size)
+    tokenizer = Tokenizer.from_dir(hub.tokenizer_dir(cfg.model))
+    files = [cfg.data.train, cfg.data.validation]
+    samples, reports = prepare(files, tokenizer, int(cfg.data.max_length), cfg.data.truncation_side)
+    return model_cfg, tokenizer, samples[0], samples[1], reports
+
+
+def build_model(cfg: DictConfig, model_cfg, rt):
+    """This rank's stage of the model with pretrained weights (or random for source=random), PEFT applied."""
+    from framework.models import hub
+    from framework.models.gpt import build_gpt
+
+    dtype = torch.bfloat16 if cfg.precision == "bf16" and rt.device.type == "cuda" else torch.float32
+    model = build_gpt(model_cfg, rt.tp, rt.pp, rt.sp, params_dtype=dtype)
+    if cfg.model.source != "random":
+        from framework.checkpoint.hf_import import load_hf_into_gpt
+
+        load_hf_into_gpt(model, hub.model_dir(cfg.model), model_cfg)
+    if cfg.peft.method == "lora":
+        from framework.peft.lora import apply_lora
+
+        apply_lora(model, targets=tuple(cfg.peft.targets), rank=int(cfg.peft.rank), alpha=float(cfg.peft.alpha),
+                   dropout=float(cfg.peft.dropout), rslora=bool(cfg.peft.get("rslora", False)))
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) over the whole model: summed over PP stages, TP shards counted once."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    def numel(p):  # replicated parameters would be counted once per TP rank
+        return p.numel() if getattr(p, "tensor_model_parallel", False) else p.numel() / ps.get_tensor_model_parallel_world_size()
+
+    t = torch.tensor([sum(numel(p) for p in model.parameters() if p.requires_grad),
+                      sum(numel(p) for p in model.parameters())], dtype=torch.float64)
+    if ps.get_data_parallel_rank() != 0:
+        t.zero_()
+    dist.all_reduce(t)
+    return int(round(t[0].item())), int(round(t[1].item()))
+
+
+def run(cfg: DictConfig) -> RunResult:
+    from framework.data.batching import BatchOrder, collate, micro_batches
+    from framework.runtime import distributed as rtd
+    from framework.runtime.progress import progress
+    from framework.training.optim import build_optimizer, wrap_ddp
+    from framework.training.step import evaluate, train_step
+    from framework.training.summary import summary_table
+
+    world = rtd.world_size_from_env()
+    model_cfg, tokenizer, train_set, val_set, reports = prepare_inputs(cfg, world)
+    par = cfg.parallel
+    rt = rtd.initialize(tp=int(par.tensor), pp=int(par.pipeline), sp=bool(par.sequence), seed=int(cfg.seed))
+    out = Path(cfg.output_dir)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+        for r in reports:
+            log.info("data report\n%s", r.format())
+
+    model = build_model(cfg, model_cfg, rt)
+    model = wrap_ddp(model)
+    optimizer, scheduler = build_optimizer(model, cfg.trainer, cfg.precision)
+    trainable, total = count_parameters(model)
+    log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    tr = cfg.trainer
+    mbs, gbs = int(tr.micro_batch_size), int(tr.global_batch_size)
+    pad_multiple = rt.tp if rt.sp else 1
+
+    def batches_for(indices, dataset):
+        """This DP rank's micro-batches of a global batch, all padded to one length (PP needs it)."""
+        from megatron.core import parallel_state as ps
+
+        longest = max(len(dataset[i].input_ids) - 1 for i in indices)
+        seq = math.ceil(longest / pad_multiple) * pad_multiple
+        return [collate([dataset[i] for i in mb], tokenizer.pad_id, seq_length=seq)
+                for mb in micro_batches(indices, ps.get_data_parallel_rank(), rt.dp, mbs)]
+
+    n_val = len(val_set) if tr.get("eval_samples") in (None, "null") else min(int(tr.eval_samples), len(val_set))
+    val_global = mbs * rt.dp
+    val_indices = list(range(n_val - n_val % val_global)) or list(range(min(n_val, val_global)))
+
+    def validate_now():
+        groups = [val_indices[i:i + val_global] for i in range(0, len(val_indices), val_global)]
+        return evaluate(model, [mb for g in groups for mb in batches_for(g, val_set)], cfg.precision)
+
+    # LoRA B starts at zero, so before training the model *is* the base model: this is "without adapter".
+    completion_before = _complete(cfg, model, tokenizer, val_set, rt)
+    val_before = validate_now()
+    log.info("validation loss before training: %.4f", val_before)
+
+    order = BatchOrder(len(train_set), gbs, seed=int(cfg.seed))
+    losses, tokens, t0 = [], 0, time.perf_counter()
+    bar = progress(total=int(tr.max_steps), desc="fine-tuning", enabled=rt.is_main)
+    for step in range(1, int(tr.max_steps) + 1):
+        indices = next(order)
+        res = train_step(model, optimizer, scheduler, batches_for(indices, train_set), cfg.precision)
+        tokens += sum(len(train_set[i].input_ids) - 1 for i in indices)
+        losses.append(res.loss)
+        bar.update(1, loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}")
+        if step % int(tr.log_interval) == 0:
+            log.info("step %d/%d loss %.4f lr %.3e grad_norm %s tokens/s %.0f", step, tr.max_steps, res.loss,
+                     res.lr, "n/a" if res.grad_norm is None else f"{res.grad_norm:.3f}",
+                     tokens / (time.perf_counter() - t0))
+        if step % int(tr.eval_interval) == 0 and step != int(tr.max_steps):
+            log.info("step %d validation loss %.4f", step, validate_now())
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    val_after = validate_now()
+    log.info("validation loss after training: %.4f", val_after)
+
+    adapter_dir = None
+    if cfg.peft.method == "lora":
+        from framework.checkpoint.adapter import save_adapter
+
+        adapter_dir = out / "adapters" / cfg.adapter_name
+        save_adapter(model.module, adapter_dir, OmegaConf.to_container(cfg.peft, resolve=True), model_cfg,
+                     base={"name": cfg.model.name, "source": cfg.model.source})
+    completion_after = _complete(cfg, model, tokenizer, val_set, rt)
+
+    result = RunResult(steps=int(tr.max_steps), val_loss_before=val_before, val_loss_after=val_after,
+                       train_losses=losses, tokens_per_s=tokens / elapsed, trainable_params=trainable,
+                       total_params=total, output_dir=str(out), adapter_dir=str(adapter_dir) if adapter_dir else None,
+                       completion_before=completion_before, completion_after=completion_after)
+    if rt.is_main:
+        print(summary_table(result, rt), flush=True)
+    return result
+
+
+def _complete(cfg, model, tokenizer, val_set, rt):
+    """Greedy completion of one held-out prompt (the prompt part of a validation sample)."""
+    n = int(cfg.generate.max_new_tokens)
+    if n <= 0:
+        return None
+    from framework.inference.generate import greedy_generate
+
+    sample = val_set[int(cfg.generate.sample) % len(val_set)]
+    prompt = [t for t, m in zip(sample.input_ids, sample.loss_mask) if not m]
+    ids = greedy_generate(model, prompt, n, eos_id=tokenizer.eos_id, pad_multiple=rt.tp if rt.sp else 1)
+    return tokenizer.decode(ids)

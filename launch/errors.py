@@ -1,0 +1,17 @@
+"""Turn the errors a user can fix (config, layout, data) into one line on stderr and exit code 2."""
+
+import contextlib
+import sys
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    from framework.config.validate import ConfigError
+    from framework.data.errors import DataError
+    from framework.models.layout import LayoutError
+
+    try:
+        yield
+    except (ConfigError, LayoutError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
