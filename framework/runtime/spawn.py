@@ -44,7 +44,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300, env: dict 
     q = ctx.Queue()
     port = free_port()
     env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, q, args, kwargs, env), daemon=True)
+    # Not daemonic: megatron's checkpoint writer starts processes of its own. The finally below reaps them.
+    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, q, args, kwargs, env), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()
