@@ -6,12 +6,14 @@ import sys
 
 @contextlib.contextmanager
 def exit_on_user_error():
-    from framework.config.validate import ConfigError
+    from framework.checkpoint.adapter import AdapterError
+    from framework.checkpoint.hf_import import HFImportError
+    from framework.config.errors import ConfigError
     from framework.data.errors import DataError
     from framework.models.layout import LayoutError
 
     try:
         yield
-    except (ConfigError, LayoutError, DataError) as e:
+    except (ConfigError, LayoutError, DataError, HFImportError, AdapterError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

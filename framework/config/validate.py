@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from framework.config.errors import ConfigError
 from framework.models.config import ModelConfig
 from framework.models.layout import LayoutError, check_layout
 
 PRECISIONS = ("fp32", "bf16")
-PEFT_METHODS = ("lora", "none")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work, with the key that holds it."""
+PEFT_METHODS = ("lora",)  # full-parameter SFT and the other methods arrive with the PEFT-suite issue
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:

