@@ -23,6 +23,10 @@ def validate(cfg: DictConfig, world_size: int) -> ModelConfig:
     """Raise ConfigError (one message listing every problem) or return the model architecture."""
     problems: list[str] = []
     model = model_config(cfg)
+    from framework.models.registry import FAMILIES
+
+    if model.family not in FAMILIES:
+        problems.append(f"model.arch.family={model.family!r} is not a known family; known: {sorted(FAMILIES)}")
     par = cfg.parallel
     if not cfg.data.get("validation"):
         problems.append("data.validation: a validation file is required (a split fraction of the training "

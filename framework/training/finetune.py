@@ -7,9 +7,9 @@ before any process group starts, so a bad key or a bad JSONL line costs seconds,
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -53,10 +53,10 @@ def prepare_inputs(cfg: DictConfig, world_size: int):
 def build_model(cfg: DictConfig, model_cfg, rt):
     """This rank's stage of the model with pretrained weights (or random for source=random), PEFT applied."""
     from framework.models import hub
-    from framework.models.gpt import build_gpt
+    from framework.models.registry import get_family
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" and rt.device.type == "cuda" else torch.float32
-    model = build_gpt(model_cfg, rt.tp, rt.pp, rt.sp, params_dtype=dtype)
+    model = get_family(model_cfg.family).build(model_cfg, rt.tp, rt.pp, rt.sp, params_dtype=dtype)
     if cfg.model.source != "random":
         from framework.checkpoint.hf_import import load_hf_into_gpt
 
@@ -156,6 +156,8 @@ def run(cfg: DictConfig) -> RunResult:
                        total_params=total, output_dir=str(out), adapter_dir=str(adapter_dir) if adapter_dir else None,
                        completion_before=completion_before, completion_after=completion_after)
     if rt.is_main:
+        summary = dataclasses.asdict(result) | {"layout": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp, "sp": rt.sp}}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(summary_table(result, rt), flush=True)
     return result
 
