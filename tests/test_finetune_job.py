@@ -97,6 +97,18 @@ def test_job_losses_match_single_process(tiny_hf, tiny_tokenizer_dir, tiny_singl
     assert after < before  # it does learn
 
 
+@pytest.mark.timeout(200)
+def test_bf16_autocast_tracks_fp32(tiny_hf, tiny_tokenizer_dir, tiny_single, tmp_path):
+    """precision=bf16 on CPU autocasts the matmuls (fp32 weights and grads): it learns, and its losses stay
+    within bf16 rounding (2e-2 relative) of the fp32 run."""
+    cfg = tiny_job(tiny_hf, tiny_tokenizer_dir, tmp_path, "precision=bf16")
+    losses, before, after, _ = run_distributed(_run_job, 1, cfg, timeout=180)[0]
+    ref_losses, ref_before, ref_after, _ = tiny_single
+    assert losses == pytest.approx(ref_losses, rel=2e-2)
+    assert losses != ref_losses  # bf16 really ran
+    assert after < before
+
+
 @pytest.mark.real_model
 @pytest.mark.timeout(600)
 def test_default_job_short(tmp_path):

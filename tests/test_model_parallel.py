@@ -49,7 +49,7 @@ def _make_batch():
     return dict(tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=position_ids)
 
 
-def _layout_worker(tp, pp, sp, hf_dir, adapter_dir, grad_dir):
+def _layout_worker(tp, pp, sp, hf_dir, adapter_dir, grad_dir, micro=MICRO):
     from megatron.core import parallel_state as ps
 
     from framework.checkpoint.adapter import load_adapter, save_adapter
@@ -70,7 +70,7 @@ def _layout_worker(tp, pp, sp, hf_dir, adapter_dir, grad_dir):
     load_adapter(model, adapter_dir, model_cfg)
     ddp = wrap_ddp(model)
     batch = _make_batch()
-    mine = micro_batches(list(range(GLOBAL_BATCH)), ps.get_data_parallel_rank(), rt.dp, MICRO)
+    mine = micro_batches(list(range(GLOBAL_BATCH)), ps.get_data_parallel_rank(), rt.dp, micro)
     mbs = [{k: v[idx] for k, v in batch.items()} for idx in mine]
     loss, n_targets = forward_backward(ddp, mbs)
     with torch.no_grad():
@@ -121,18 +121,19 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("tp,pp,sp,world", [
-    (2, 1, False, 2),   # TP=2
-    (2, 1, True, 2),    # TP=2 + SP
-    (1, 2, False, 2),   # PP=2
-    (2, 2, False, 4),   # TP=2 x PP=2
-    (1, 1, False, 2),   # DP=2
-], ids=["tp2", "tp2-sp", "pp2", "tp2xpp2", "dp2"])
-def test_layout_matches_single_process(reference, tp, pp, sp, world):
+@pytest.mark.parametrize("tp,pp,sp,world,micro", [
+    (2, 1, False, 2, 1),   # TP=2
+    (2, 1, True, 2, 1),    # TP=2 + SP
+    (1, 2, False, 2, 1),   # PP=2
+    (2, 2, False, 4, 1),   # TP=2 x PP=2
+    (1, 1, False, 2, 1),   # DP=2
+    (1, 1, False, 1, 2),   # single process, 2 micro-batches of 2 instead of 4 of 1
+], ids=["tp2", "tp2-sp", "pp2", "tp2xpp2", "dp2", "micro2"])
+def test_layout_matches_single_process(reference, tp, pp, sp, world, micro):
     root, ref_loss, ref_n, ref_grads = reference
-    grad_dir = root / f"grads_tp{tp}_pp{pp}_sp{int(sp)}_w{world}"
+    grad_dir = root / f"grads_tp{tp}_pp{pp}_sp{int(sp)}_w{world}_m{micro}"
     results = run_distributed(_layout_worker, world, tp, pp, sp, str(root / "hf"), str(root / "adapter"),
-                              str(grad_dir), timeout=200)
+                              str(grad_dir), micro, timeout=200)
     assert ref_n == 1 + 15 + 4 + 9
     for loss, n in results:
         assert n == ref_n

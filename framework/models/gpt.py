@@ -48,7 +48,8 @@ def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = 
 
 
 def layer_spec(config, use_te: bool):
-    """Transformer Engine spec on a GPU with TE; otherwise megatron's local spec with SP-capable norms."""
+    """Transformer Engine spec on a GPU with TE; otherwise megatron's local spec with SP-capable norms and
+    fused (SDPA) core attention."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -57,7 +58,10 @@ def layer_spec(config, use_te: bool):
 
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec()
+    from framework.models.attention import SDPAttention
+
     spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
     norm = ModuleSpec(module=norm_class(config.normalization))
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm

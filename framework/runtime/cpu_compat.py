@@ -24,6 +24,10 @@ Three sites are not reachable through the ``torch`` name (``Tensor.type()`` comp
 ``tensor_parallel/random.py``, and ``weight.data.cuda()`` when the last pipeline stage copies tied
 embeddings in ``LanguageModule.setup_embeddings_and_output_layer``); those functions are replaced by
 CPU equivalents, listed in :data:`REPLACED_FUNCTIONS` and :func:`_keep_tied_copy_on_cpu`.
+
+The linear layers' autograd functions are decorated with ``custom_fwd/custom_bwd(device_type="cuda")``,
+so under CPU autocast (``precision=bf16``) their backward would run without autocast and multiply bf16
+gradients by fp32 weights; :func:`_autocast_linears_on_cpu` re-decorates them for the CPU.
 """
 
 from __future__ import annotations
@@ -268,6 +272,18 @@ def _keep_tied_copy_on_cpu() -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
+def _autocast_linears_on_cpu() -> None:
+    from megatron.core.tensor_parallel import layers
+
+    for cls in (layers.LinearWithFrozenWeight, layers.LinearWithGradAccumulationAndAsyncCommunication):
+        if getattr(cls, "_cpu_compat", False):
+            continue
+        fwd, bwd = cls.forward, cls.backward  # staticmethods resolve to the decorated functions
+        cls.forward = staticmethod(torch.amp.custom_fwd(getattr(fwd, "__wrapped__", fwd), device_type="cpu"))
+        cls.backward = staticmethod(torch.amp.custom_bwd(getattr(bwd, "__wrapped__", bwd), device_type="cpu"))
+        cls._cpu_compat = True
+
+
 def _megatron_modules():
     return [m for n, m in list(sys.modules.items()) if n.startswith("megatron.core") and m is not None]
 
@@ -293,6 +309,7 @@ def enable() -> None:
         if mod is not None and hasattr(mod, func):
             setattr(mod, func, _REPLACEMENTS[func])
     _keep_tied_copy_on_cpu()
+    _autocast_linears_on_cpu()
     logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_QuietCpuRngWarning())
     _active = True
     log.debug("cpu_compat enabled for %d megatron modules", len(_megatron_modules()))
