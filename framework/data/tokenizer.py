@@ -130,6 +130,17 @@ class Tokenizer:
         """Token ids of ``text``, with no special tokens added (samples add bos/eos themselves)."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` (special tokens written in the text become their ids) and each token's
+        character span, for mapping rendered chat turns onto tokens."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), list(enc.offsets)
+
+    @property
+    def special_tokens(self) -> set[str]:
+        """The strings of every added special token (and eos)."""
+        return {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special} | {self.eos_token}
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 

@@ -37,7 +37,7 @@ class RunResult:
 def prepare_inputs(cfg: DictConfig, world_size: int):
     """Validate config, resolve model files and tokenise data; no process groups needed."""
     from framework.config.validate import validate
-    from framework.data.prepare import prepare
+    from framework.data.prepare import prepare_config
     from framework.data.tokenizer import Tokenizer
     from framework.models import hub
 
@@ -45,8 +45,7 @@ def prepare_inputs(cfg: DictConfig, world_size: int):
     if cfg.model.source != "random":
         hub.model_config_for(cfg.model)  # converts the bundled model once; checks model.arch against config.json
     tokenizer = Tokenizer.from_dir(hub.tokenizer_dir(cfg.model))
-    files = [cfg.data.train, cfg.data.validation]
-    samples, reports = prepare(files, tokenizer, int(cfg.data.max_length), cfg.data.truncation_side)
+    samples, reports = prepare_config(cfg.data, tokenizer)
     return model_cfg, tokenizer, samples[0], samples[1], reports
 
 
