@@ -1,0 +1,170 @@
+"""HF Llama checkpoint directory -> our checkpoint directory (config.yaml, tokenizer/, weights/).
+
+Reads config.json and the safetensors file(s) (single file or sharded with model.safetensors.index.json),
+first checks every HF tensor's name, shape and dtype against the config (from the safetensors headers,
+without reading data), then loads them into our megatron model (one tensor at a time, memory-mapped) and
+writes the weights with megatron dist_checkpointing, which any TP/PP layout loads (resharding on load).
+
+Memory: the conversion holds one copy of the model (of each rank's stage with --tp/--pp > 1) plus one
+HF tensor; the HF files are memory-mapped, never read whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from converters import run_cli, summary_line  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hf_to_ckpt.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("hf_dir", help="HF model directory: config.json + model.safetensors (or sharded "
+                                  "model-*.safetensors with model.safetensors.index.json) + tokenizer files")
+    p.add_argument("out_dir", help="our checkpoint directory to write (written to a temporary sibling and "
+                                   "moved into place when complete)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="directory whose tokenizer files (tokenizer.json, tokenizer_config.json, ...) are copied "
+                        "into OUT_DIR/tokenizer (default: HF_DIR)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to convert through (default 1; the "
+                                                     "result loads at any layout regardless)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to convert through (default 1)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (default: refuse)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on failure")
+    return p
+
+
+def check_hf_tensors(hf_dir, model_cfg, progress: bool = True) -> dict:
+    """Check every HF tensor (name known, shape as the config implies, one float dtype) from the
+    safetensors headers only. Returns {'tensors', 'bytes', 'dtype'}; raises HFImportError naming the tensor."""
+    from safetensors import safe_open
+
+    from framework.checkpoint.hf_export import hf_shapes
+    from framework.checkpoint.hf_import import HFImportError, safetensors_index
+    from framework.models import hf_llama
+
+    index = safetensors_index(hf_dir)
+    want = hf_shapes(model_cfg)
+    by_file: dict = {}
+    for name, path in index.items():
+        by_file.setdefault(path, []).append(name)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(index), unit="tensor", desc="check", dynamic_ncols=True)
+    nbytes, dtypes, seen = 0, set(), set()
+    sizes = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}
+    try:
+        for path, names in by_file.items():
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as e:
+                raise HFImportError(f"{path} cannot be read (truncated or corrupted?): {e}") from None
+            with handle as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise HFImportError(f"HF tensor {name!r} is listed in the index for {path.name} but "
+                                            f"that file does not hold it")
+                    kind = hf_llama.classify_hf_name(name, model_cfg.tie_word_embeddings, model_cfg.num_layers)
+                    if kind is None:
+                        raise HFImportError(f"HF tensor {name!r} in {path.name} is not a Llama weight known to "
+                                            f"the name table")
+                    sl = f.get_slice(name)
+                    shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+                    if dtype not in sizes:
+                        raise HFImportError(f"HF tensor {name!r} has dtype {dtype}, not a float type")
+                    expected = want.get(name)
+                    if kind != "ignored" and expected is not None and shape != expected:
+                        raise HFImportError(f"HF tensor {name!r} has shape {shape}, config.json implies {expected}")
+                    if kind != "ignored":
+                        dtypes.add(dtype)
+                        seen.add(name)
+                    n = 1
+                    for s in shape:
+                        n *= s
+                    nbytes += n * sizes[dtype]
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    missing = [n for n in want if n not in seen]
+    if missing:
+        raise HFImportError(f"HF tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} missing from {hf_dir}")
+    if len(dtypes) > 1:
+        raise HFImportError(f"{hf_dir} mixes tensor dtypes {sorted(dtypes)}")
+    dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}[dtypes.pop()]
+    return {"tensors": len(index), "bytes": nbytes, "dtype": dtype}
+
+
+def _worker(hf_dir: str, out_dir: str, tp: int, pp: int, tokenizer: str | None, hf_dtype: str):
+    from framework.checkpoint.ckpt_format import save_checkpoint
+    from framework.checkpoint.hf_import import load_hf_into_gpt
+    from framework.models import hf_llama
+    from framework.models.gpt import build_gpt
+    from framework.runtime.distributed import initialize
+
+    cfg = hf_llama.config_from_hf(json.loads((Path(hf_dir) / "config.json").read_text()))
+    initialize(tp=tp, pp=pp)
+    gpt = build_gpt(cfg, tp=tp, pp=pp)
+    load_hf_into_gpt(gpt, hf_dir, cfg)
+    save_checkpoint(gpt, out_dir, cfg, tokenizer_src=tokenizer, hf_dtype=hf_dtype, source=str(Path(hf_dir).absolute()))
+    return True
+
+
+def convert(hf_dir, out_dir, tp: int = 1, pp: int = 1, tokenizer=None, force: bool = False,
+            progress: bool = True) -> dict:
+    """HF_DIR -> OUT_DIR; returns {'tensors', 'bytes', 'seconds'}."""
+    from framework.checkpoint.hf_import import HFImportError
+    from framework.models import hf_llama
+
+    t0 = time.perf_counter()
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise HFImportError(f"{hf_dir} has no config.json (not an HF model directory)")
+    if out_dir.exists() and not force:
+        raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
+    if tp < 1 or pp < 1:
+        raise ValueError(f"--tp and --pp must be >= 1 (got {tp}, {pp})")
+    try:
+        cfg = hf_llama.config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise HFImportError(f"{hf_dir / 'config.json'} is not valid JSON: {e}") from None
+    checked = check_hf_tensors(hf_dir, cfg, progress=progress)
+    tok = str(tokenizer) if tokenizer is not None else str(hf_dir)
+    args = (str(hf_dir), str(out_dir), tp, pp, tok, checked["dtype"])
+    if tp * pp == 1:
+        from framework.runtime.distributed import shutdown
+
+        try:
+            _worker(*args)
+        finally:
+            shutdown()
+    else:
+        import importlib
+
+        from framework.runtime.spawn import run_distributed
+
+        worker = importlib.import_module("converters.hf_to_ckpt")._worker  # picklable by module name
+        run_distributed(worker, tp * pp, *args, timeout=24 * 3600)
+    return {"tensors": checked["tensors"], "bytes": checked["bytes"], "seconds": time.perf_counter() - t0}
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    r = convert(args.hf_dir, args.out_dir, args.tp, args.pp, args.tokenizer, args.force, not args.no_progress)
+    print(summary_line(f"wrote {args.out_dir}", r["tensors"], r["bytes"], r["seconds"]))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

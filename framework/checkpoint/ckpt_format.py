@@ -1,0 +1,330 @@
+"""Our checkpoint directory (DESIGN.md "Checkpoint layout"): base weights that load at any TP/PP.
+
+    DIR/config.yaml    format_version, family, model (ModelConfig dict), hf_dtype, source, weights_files
+    DIR/tokenizer/     the HF tokenizer files, copied as they are (load with Tokenizer.from_dir offline)
+    DIR/weights/       megatron dist_checkpointing (torch_dist) of the model's ``sharded_state_dict()``
+
+Writing is atomic: everything goes into a temporary sibling directory that is moved into place with
+``os.replace`` once complete, so a crash leaves either the old checkpoint or the new one, never a
+mixture. ``config.yaml`` also records the size of every file under ``weights/``, so a truncated or
+missing file is reported by name before megatron reads anything.
+
+Loading (:func:`load_checkpoint_into`) works at any layout: build the model at the wanted TP/PP and
+dist_checkpointing reads each rank's shards of the global tensors (resharding on load). LoRA-wrapped
+models keep the base keys of their ``sharded_state_dict`` unchanged; their ``lora_A``/``lora_B`` keys
+are not part of base weights and are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from framework.models import hf_llama
+from framework.models.config import ModelConfig
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.yaml"
+WEIGHTS_DIR = "weights"
+TOKENIZER_DIR = "tokenizer"
+
+#: files of an HF model directory that make up its tokenizer (whichever exist are copied)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, damaged, or does not fit the model being loaded."""
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _rank() -> int:
+    d = _dist()
+    return d.get_rank() if d else 0
+
+
+def _barrier() -> None:
+    d = _dist()
+    if d:
+        d.barrier()
+
+
+def _broadcast_error(msg: str | None) -> None:
+    """Raise the same CheckpointError on every rank when rank 0 found one (call on all ranks)."""
+    d = _dist()
+    box = [msg]
+    if d:
+        d.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise CheckpointError(box[0])
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def _is_base_key(key: str) -> bool:
+    return ".lora_A." not in key and ".lora_B." not in key
+
+
+def base_sharded_state_dict(model) -> dict:
+    """The model's sharded state dict without LoRA factors (base weights only)."""
+    sd = _unwrap(model).sharded_state_dict()
+    return {k: v for k, v in sd.items() if _is_base_key(k)}
+
+
+def copy_tokenizer(src_dir, dst_dir) -> list[str]:
+    """Copy the tokenizer files of an HF directory into ``dst_dir``; returns the names copied."""
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file():
+            shutil.copy2(src_dir / name, dst_dir / name)
+            copied.append(name)
+    return copied
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _sha256(path: Path, chunk: int = 1 << 24) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+# -- config.yaml ------------------------------------------------------------------------------------------
+def read_config(ckpt_dir) -> dict:
+    """config.yaml of a checkpoint directory, checked for format_version and a valid model section."""
+    import yaml
+
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / CONFIG_NAME
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: {ckpt_dir} is not a checkpoint directory of this framework")
+    try:
+        meta = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} does not hold a mapping")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {meta.get('format_version')!r}, this code reads "
+                              f"version {FORMAT_VERSION}")
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{path} has no 'model' section (the ModelConfig of the weights)")
+    try:
+        ModelConfig.from_dict(meta["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad 'model' section: {e}") from None
+    return meta
+
+
+def model_config_of(ckpt_dir) -> ModelConfig:
+    """The ModelConfig stored in a checkpoint's config.yaml."""
+    return ModelConfig.from_dict(read_config(ckpt_dir)["model"])
+
+
+def tokenizer_dir(ckpt_dir) -> Path | None:
+    """DIR/tokenizer when the checkpoint carries a tokenizer, else None."""
+    p = Path(ckpt_dir) / TOKENIZER_DIR
+    return p if p.is_dir() and any(p.iterdir()) else None
+
+
+def config_mismatches(expected: ModelConfig, found: ModelConfig) -> list[str]:
+    """Architecture differences (shapes/numerics) plus the family."""
+    out = hf_llama.arch_mismatches(expected, found)
+    if expected.family != found.family:
+        out.insert(0, f"family: configured {expected.family!r}, checkpoint has {found.family!r}")
+    return out
+
+
+# -- save -------------------------------------------------------------------------------------------------
+def save_checkpoint(model, ckpt_dir, model_cfg: ModelConfig, tokenizer_src=None, hf_dtype: str | None = None,
+                    source: str | None = None, extra: dict | None = None) -> Path:
+    """Write ``model``'s base weights (this process group's TP/PP layout, any) as DIR (all ranks call).
+
+    ``tokenizer_src``: an HF directory whose tokenizer files are copied into DIR/tokenizer.
+    ``hf_dtype``: dtype of the HF tensors the weights came from ('float32', 'bfloat16', ...), used by the
+    HF export to write them back in the same dtype. ``extra`` is stored in config.yaml as given.
+    """
+    import yaml
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir).absolute()
+    tmp = ckpt_dir.parent / f".{ckpt_dir.name}.tmp"
+    err = None
+    if _rank() == 0:
+        try:
+            ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / WEIGHTS_DIR).mkdir(parents=True)
+        except OSError as e:
+            err = f"cannot create {tmp}: {e}"
+    _broadcast_error(err)
+    try:
+        dist_checkpointing.save(base_sharded_state_dict(model), str(tmp / WEIGHTS_DIR))
+        _barrier()
+        if _rank() == 0:
+            if tokenizer_src is not None:
+                copy_tokenizer(tokenizer_src, tmp / TOKENIZER_DIR)
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "family": model_cfg.family,
+                "model": model_cfg.to_dict(),
+                "hf_dtype": hf_dtype,
+                "source": source,
+                **(extra or {}),
+                "weights_files": _file_sizes(tmp / WEIGHTS_DIR),
+                "weights_sha256": {n: _sha256(tmp / WEIGHTS_DIR / n) for n in _file_sizes(tmp / WEIGHTS_DIR)},
+            }
+            with open(tmp / CONFIG_NAME, "w") as f:
+                yaml.safe_dump(meta, f, sort_keys=False)
+            old = None
+            if ckpt_dir.exists():
+                old = ckpt_dir.parent / f".{ckpt_dir.name}.old-{os.getpid()}"
+                os.replace(ckpt_dir, old)
+            os.replace(tmp, ckpt_dir)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        _barrier()
+        if _rank() == 0 and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ckpt_dir
+
+
+# -- load -------------------------------------------------------------------------------------------------
+def verify_checkpoint(ckpt_dir, model_cfg: ModelConfig | None = None, check_hashes: bool = True) -> dict:
+    """Check config.yaml (and that it matches ``model_cfg``) and that every weights file is present with
+    its recorded size (and, with ``check_hashes``, its recorded SHA-256: one extra read of the files).
+    Returns config.yaml's contents; raises CheckpointError naming what is wrong."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_config(ckpt_dir)
+    if model_cfg is not None:
+        bad = config_mismatches(model_cfg, ModelConfig.from_dict(meta["model"]))
+        if bad:
+            raise CheckpointError(f"{ckpt_dir / CONFIG_NAME} does not match the model being loaded:\n  "
+                                  + "\n  ".join(bad))
+    weights = ckpt_dir / WEIGHTS_DIR
+    if not weights.is_dir():
+        raise CheckpointError(f"{weights} is missing: the checkpoint has no weights")
+    recorded = meta.get("weights_files")
+    if not isinstance(recorded, dict) or not recorded:
+        raise CheckpointError(f"{ckpt_dir / CONFIG_NAME} lists no weights_files (incomplete checkpoint)")
+    actual = _file_sizes(weights)
+    for name, size in recorded.items():
+        if name not in actual:
+            raise CheckpointError(f"{weights / name} is missing (the checkpoint is incomplete)")
+        if actual[name] != size:
+            raise CheckpointError(f"{weights / name} is {actual[name]} bytes, but {size} were written: "
+                                  f"the file is truncated or corrupted")
+    hashes = meta.get("weights_sha256") or {}
+    if check_hashes:
+        for name, digest in hashes.items():
+            if _sha256(weights / name) != digest:
+                raise CheckpointError(f"{weights / name} does not have the SHA-256 recorded in config.yaml: "
+                                      f"the file is corrupted")
+    return meta
+
+
+def load_checkpoint_into(model, ckpt_dir, model_cfg: ModelConfig, check_hashes: bool = True) -> dict:
+    """Fill ``model`` (this rank's stage, any TP/PP; LoRA-wrapped or not) with the base weights of DIR.
+
+    All ranks call. Every base tensor of the model must be in the checkpoint with a matching global
+    shape; anything else raises CheckpointError on every rank naming the tensor. Global rank 0 also checks
+    the files' SHA-256 (``check_hashes``). Returns config.yaml.
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    gpt = _unwrap(model)
+    weights = ckpt_dir / WEIGHTS_DIR
+    err, meta, sharded = None, None, None
+    try:
+        meta = verify_checkpoint(ckpt_dir, model_cfg, check_hashes=check_hashes and _rank() == 0)
+        sharded = base_sharded_state_dict(gpt)
+        _check_keys_and_shapes(sharded, weights)  # each stage checks its own tensors
+    except CheckpointError as e:
+        err = str(e)
+    if _dist():  # agree on the first error, so no rank is left waiting in the load's collectives
+        errs = [None] * _dist().get_world_size()
+        _dist().all_gather_object(errs, err)
+        err = next((e for e in errs if e), None)
+    if err:
+        raise CheckpointError(err)
+    try:
+        state = dist_checkpointing.load(sharded, str(weights))
+    except Exception as e:  # torch DCP / megatron raise assorted types; name the directory and the cause
+        raise CheckpointError(f"cannot read weights from {weights}: {type(e).__name__}: {e}") from e
+    missing, unexpected = _load_base_state(gpt, state)
+    if missing or unexpected:
+        raise CheckpointError(f"loading {weights} left parameters {missing} unassigned and found unexpected "
+                              f"keys {unexpected}")
+    return meta
+
+
+def _check_keys_and_shapes(sharded: dict, weights: Path) -> None:
+    """Compare the model's ShardedTensors with the checkpoint's metadata (global shapes, presence)."""
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+    try:
+        meta = load_tensors_metadata(str(weights))
+    except Exception as e:
+        raise CheckpointError(f"cannot read the metadata of {weights}: {type(e).__name__}: {e}") from e
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    built = _apply_factories_copy(sharded)
+    for param_name, value in built.items():
+        tensors, _ = extract_sharded_base({param_name: value})
+        for st in nested_values(tensors):
+            if not isinstance(st, ShardedTensor):
+                continue
+            if st.key not in meta:
+                raise CheckpointError(f"tensor {st.key!r} (for model parameter {param_name!r}) is missing from "
+                                      f"{weights}, which holds {len(meta)} tensors: {sorted(meta)[:8]}...")
+            found = getattr(meta[st.key], "global_shape", None)
+            if found is not None and tuple(found) != tuple(st.global_shape):
+                raise CheckpointError(f"tensor {st.key!r} (for model parameter {param_name!r}): the model expects "
+                                      f"global shape {tuple(st.global_shape)}, {weights} holds {tuple(found)}")
+
+
+def _apply_factories_copy(sharded: dict) -> dict:
+    """Apply ShardedTensorFactories (e.g. swiglu's split of linear_fc1) on a shallow copy."""
+    import copy
+
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    sd = copy.copy(sharded)
+    apply_factories(sd)
+    return sd
+
+
+def _load_base_state(gpt, state: dict) -> tuple[list[str], list[str]]:
+    """model.load_state_dict for base keys only (LoRA factors and TE extra state excluded)."""
+    result = gpt.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if _is_base_key(k) and not k.endswith("_extra_state")]
+    return sorted(missing), sorted(result.unexpected_keys)

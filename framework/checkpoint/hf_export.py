@@ -1,0 +1,335 @@
+"""Our model (any TP/PP, LoRA-wrapped or not: base weights only) -> a Hugging Face Llama directory.
+
+    OUT/model.safetensors               (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
+    OUT/config.json                     LlamaConfig-compatible, written with plain json
+    OUT/tokenizer files                 copied from a tokenizer directory when given
+
+One tensor at a time, in HF order (embedding, layers 0..L-1, final norm, lm_head): every rank offers its
+local shard of the parameter (None if its stage does not hold it); global rank 0 gathers them, undoes the
+TP sharding and the fusions with the inverse of the name table's transforms (framework/models/hf_llama.py,
+fused_layout.py), checks the shape against the HF shape the config implies, and appends the result to the
+current output file, which is written once it reaches ``max_shard_bytes``. Peak memory on rank 0 is one
+output file plus one parameter, beyond the model stage itself. Every HF tensor of the table is written
+exactly once and every base parameter of every stage is consumed; otherwise :class:`HFExportError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from framework.models import hf_llama
+from framework.models.config import ModelConfig
+from framework.models.fused_layout import split_qkv, unfuse_gate_up
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFExportError(ValueError):
+    """A model that cannot be written as the HF checkpoint its config describes (names the tensor)."""
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """config.json for transformers' LlamaForCausalLM (4.x and 5.x read it)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "head_dim": cfg.kv_channels,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "initializer_range": cfg.init_method_std,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rotary_base,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name an HF Llama checkpoint of this config holds, with its shape, in HF order."""
+    h, d, f, V = cfg.hidden_size, cfg.kv_channels, cfg.ffn_hidden_size, cfg.vocab_size
+    n, g = cfg.num_attention_heads, cfg.num_query_groups
+    out = {"model.embed_tokens.weight": (V, h)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        out.update({
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (n * d, h), p + "self_attn.k_proj.weight": (g * d, h),
+            p + "self_attn.v_proj.weight": (g * d, h), p + "self_attn.o_proj.weight": (h, n * d),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f),
+        })
+    out["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (V, h)
+    return out
+
+
+def _inverse(rule: hf_llama.WeightRule, shards: list[torch.Tensor], cfg: ModelConfig) -> list[torch.Tensor]:
+    """TP shards of one parameter (rank order) -> the HF tensors of ``rule.hf``."""
+    t = rule.transform
+    if t == "replicate":
+        for k, s in enumerate(shards[1:], 1):
+            if not torch.equal(s, shards[0]):
+                raise HFExportError(f"replicated parameter {rule.ours!r} differs between TP rank 0 and {k}")
+        return [shards[0]]
+    if t == "vocab":
+        return [torch.cat(shards, dim=0)]
+    if t == "row":
+        return [torch.cat(shards, dim=1)]
+    if t == "qkv":
+        return list(split_qkv(torch.cat(shards, dim=0), cfg.num_attention_heads, cfg.num_query_groups))
+    if t == "gate_up":
+        return list(unfuse_gate_up(shards))
+    raise HFExportError(f"no inverse for transform {t!r} (rule for {rule.ours!r})")
+
+
+def _export_plan(cfg: ModelConfig):
+    """[(rule, global layer or None)] in HF order; each HF name appears once (tied: embedding only)."""
+    plan, seen = [], set()
+    rules = [r for r in hf_llama.LLAMA_WEIGHTS if r.applies(cfg.tie_word_embeddings)]
+    globals_first = [r for r in rules if not r.per_layer and r.ours.startswith("embedding")]
+    per_layer = [r for r in rules if r.per_layer]
+    globals_last = [r for r in rules if not r.per_layer and not r.ours.startswith("embedding")]
+    for r in globals_first:
+        plan.append((r, None))
+    for i in range(cfg.num_layers):
+        plan += [(r, i) for r in per_layer]
+    plan += [(r, None) for r in globals_last]
+    out = []
+    for rule, i in plan:
+        names = tuple(n.format(i=i) for n in rule.hf) if i is not None else rule.hf
+        # the tied output layer (a copy on the last stage under PP): checked against the embedding, not written
+        duplicate = any(n in seen for n in names)
+        seen.update(names)
+        out.append((rule, i, names, duplicate))
+    return out
+
+
+def _local_params(gpt) -> tuple[dict, int]:
+    """({our name: tensor} of base weights, global index of this stage's first layer)."""
+    sd = gpt.state_dict()  # LoRALinear's hooks keep base keys unchanged
+    params = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and ".lora_" not in k
+              and not k.endswith("_extra_state") and not k.endswith("._extra_state")}
+    layers = gpt.decoder.layers
+    offset = layers[0].layer_number - 1 if len(layers) else 0
+    return params, offset
+
+
+class _ShardWriter:
+    """Collects tensors and writes safetensors files of at most ``max_bytes`` (one tensor may exceed it)."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.dir, self.max_bytes = directory, max_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.files: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.current and self.current_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.current[name] = t.contiguous()
+        self.current_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.current:
+            return
+        k = len(self.files)
+        save_file(self.current, str(self.dir / f".part-{k}.safetensors"), metadata={"format": "pt"})
+        self.files.append(list(self.current))
+        self.current, self.current_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        self.flush()
+        n = len(self.files)
+        if n == 1:
+            os.replace(self.dir / ".part-0.safetensors", self.dir / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map, names = {}, []
+        for k, keys in enumerate(self.files):
+            name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.dir / f".part-{k}.safetensors", self.dir / name)
+            names.append(name)
+            weight_map.update({key: name for key in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return names
+
+
+def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype: str | None = None,
+              max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> dict | None:
+    """Write the base weights of ``model`` (every rank calls with its stage) as an HF Llama directory.
+
+    ``dtype``: 'float32' / 'bfloat16' / 'float16' for the written tensors (default: the parameters').
+    Rank 0 writes into a temporary sibling directory moved into place when complete. Returns, on rank 0,
+    {'tensors', 'bytes', 'seconds', 'files'}; None on other ranks.
+    """
+    import torch.distributed as dist
+
+    from framework.inference.logits import unwrap_model
+
+    t0 = time.perf_counter()
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    if distributed:
+        from megatron.core import parallel_state as ps
+
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        contributes = ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    else:
+        tp_rank, contributes = 0, True
+    gpt = unwrap_model(model)
+    params, offset = _local_params(gpt)
+    n_local = len(gpt.decoder.layers)
+    target_dtype = DTYPES[dtype] if dtype else None
+    if dtype and dtype not in DTYPES:
+        raise HFExportError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+
+    out_dir = Path(out_dir).absolute()
+    expected = hf_shapes(model_cfg)
+    plan = _export_plan(model_cfg)
+    writer, tmp, bar = None, None, None
+    if rank == 0:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        writer = _ShardWriter(tmp, max_shard_bytes)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(expected), unit="tensor", desc="export", dynamic_ncols=True)
+    consumed: set[str] = set()
+    written: list[str] = []
+    error = None
+    try:
+        kept: dict[str, torch.Tensor] = {}  # tensors a later duplicate is compared with (tied embedding)
+        dup_names = {n for _, _, names, dup in plan if dup for n in names}
+        for rule, layer, hf_names, duplicate in plan:
+            local = None if layer is None else layer - offset
+            ours = rule.ours.format(i=local) if local is not None else rule.ours
+            if ours not in params and rule.te_ours is not None:
+                ours = rule.te_ours.format(i=local) if local is not None else rule.te_ours
+            mine = None
+            if contributes and (local is None or 0 <= local < n_local) and ours in params:
+                consumed.add(ours)
+                mine = (tp_rank, params[ours].detach().cpu())
+            if distributed:
+                gathered = [None] * dist.get_world_size() if rank == 0 else None
+                dist.gather_object(mine, gathered, dst=0)
+            else:
+                gathered = [mine]
+            if rank != 0 or error is not None:
+                continue
+            try:
+                offered = {}
+                for item in gathered:
+                    if item is not None:
+                        offered.setdefault(item[0], item[1])
+                if not offered and duplicate:
+                    continue  # tied with one stage: megatron has no separate output layer weight
+                if not offered:
+                    raise HFExportError(f"no rank holds parameter {ours!r} (for HF tensor(s) {list(hf_names)})")
+                tp = max(offered) + 1
+                if sorted(offered) != list(range(tp)):
+                    raise HFExportError(f"parameter {ours!r}: TP shards {sorted(offered)} offered, not 0..{tp - 1}")
+                values = _inverse(rule, [offered[r] for r in range(tp)], model_cfg)
+                if duplicate:
+                    for name, value in zip(hf_names, values):
+                        if not torch.equal(value, kept[name]):
+                            raise HFExportError(f"parameter {ours!r} (tied to {name!r}) differs from the embedding: "
+                                                f"the tied copies on the first and last stage are out of step")
+                    continue
+                for name, value in zip(hf_names, values):
+                    if name in dup_names:
+                        kept[name] = value.clone()
+                    want = expected.get(name)
+                    if want is None:
+                        raise HFExportError(f"HF tensor {name!r} (from {ours!r}) is not expected by the config")
+                    if tuple(value.shape) != want:
+                        raise HFExportError(f"HF tensor {name!r} from parameter {ours!r} has shape "
+                                            f"{tuple(value.shape)}, the config implies {want}")
+                    if target_dtype is not None:
+                        value = value.to(target_dtype)
+                    writer.add(name, value.clone())
+                    written.append(name)
+                    if bar is not None:
+                        bar.update(1)
+            except Exception as e:  # keep taking part in the collectives; raise after the loop
+                error = e
+        # every base parameter of every stage consumed?
+        left = sorted(set(params) - consumed) if contributes else []
+        if distributed:
+            lefts = [None] * dist.get_world_size() if rank == 0 else None
+            dist.gather_object(left, lefts, dst=0)
+        else:
+            lefts = [left]
+        result = None
+        if rank == 0:
+            if error is not None:
+                raise error
+            unconsumed = sorted({k for lst in lefts for k in lst})
+            if unconsumed:
+                raise HFExportError(f"parameter(s) {unconsumed} have no HF name in the table and would be lost")
+            missing = [n for n in expected if n not in set(written)]
+            if missing or len(written) != len(set(written)):
+                raise HFExportError(f"HF tensor(s) {missing} not written (or written twice)")
+            files = writer.finish()
+            first = next(iter(params.values()), None)
+            cfg_dtype = dtype or (str(first.dtype).replace("torch.", "") if first is not None else "float32")
+            (tmp / "config.json").write_text(json.dumps(hf_config_dict(model_cfg, cfg_dtype), indent=2))
+            if tokenizer_dir is not None:
+                from framework.checkpoint.ckpt_format import copy_tokenizer
+
+                copy_tokenizer(tokenizer_dir, tmp)
+            old = None
+            if out_dir.exists():
+                old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+                os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            result = {"tensors": len(written), "bytes": writer.total_bytes,
+                      "seconds": time.perf_counter() - t0, "files": files}
+        if distributed:
+            box = [None if rank != 0 else "ok"]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] != "ok":
+                raise HFExportError(f"the HF export failed on rank 0: {box[0]}")
+        return result
+    except BaseException as e:
+        if distributed and rank == 0:
+            box = [f"{type(e).__name__}: {e}"]
+            try:
+                dist.broadcast_object_list(box, src=0)
+            except Exception:
+                pass
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
