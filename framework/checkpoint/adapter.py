@@ -20,9 +20,6 @@ be present with the right shape.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -114,22 +111,12 @@ def _write_atomically(directory: Path, tensors: dict, meta: dict) -> None:
     import yaml
     from safetensors.torch import save_file
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    from framework.checkpoint.atomic import atomic_directory
+
+    with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         with open(tmp / CONFIG_NAME, "w") as f:
             yaml.safe_dump(meta, f, sort_keys=False)
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_adapter(model, directory, lora_cfg: dict, model_cfg, base: dict | None = None) -> Path:

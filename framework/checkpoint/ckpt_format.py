@@ -17,10 +17,10 @@ are not part of base weights and are left alone.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
+from framework.checkpoint.atomic import publish
 from framework.models import hf_llama
 from framework.models.config import ModelConfig
 
@@ -201,13 +201,7 @@ def save_checkpoint(model, ckpt_dir, model_cfg: ModelConfig, tokenizer_src=None,
             }
             with open(tmp / CONFIG_NAME, "w") as f:
                 yaml.safe_dump(meta, f, sort_keys=False)
-            old = None
-            if ckpt_dir.exists():
-                old = ckpt_dir.parent / f".{ckpt_dir.name}.old-{os.getpid()}"
-                os.replace(ckpt_dir, old)
-            os.replace(tmp, ckpt_dir)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            publish(tmp, ckpt_dir)
     finally:
         _barrier()
         if _rank() == 0 and tmp.exists():

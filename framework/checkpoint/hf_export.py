@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from framework.checkpoint.atomic import publish, temp_dir_beside
 from framework.models import hf_llama
 from framework.models.config import ModelConfig
 from framework.models.fused_layout import split_qkv, unfuse_gate_up
@@ -215,8 +215,7 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
     plan = _export_plan(model_cfg)
     writer, tmp, bar = None, None, None
     if rank == 0:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp = temp_dir_beside(out_dir)
         writer = _ShardWriter(tmp, max_shard_bytes)
         if progress:
             from tqdm import tqdm
@@ -305,13 +304,7 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
                 from framework.checkpoint.ckpt_format import copy_tokenizer
 
                 copy_tokenizer(tokenizer_dir, tmp)
-            old = None
-            if out_dir.exists():
-                old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-                os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            publish(tmp, out_dir)
             result = {"tensors": len(written), "bytes": writer.total_bytes,
                       "seconds": time.perf_counter() - t0, "files": files}
         if distributed:

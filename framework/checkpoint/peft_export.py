@@ -13,14 +13,12 @@ every key the adapter's config implies must be present exactly once with its sha
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from framework.checkpoint.adapter import (CONFIG_NAME, WEIGHTS_NAME, AdapterError, expected_shapes,
                                           read_adapter_config)
+from framework.checkpoint.atomic import atomic_directory
 from framework.models.config import ModelConfig
 
 PEFT_CONFIG = "adapter_config.json"
@@ -129,19 +127,7 @@ def export_peft(adapter_dir, out_dir, base_model_name_or_path: str | None = None
 
     base = meta.get("base") or {}
     name = base_model_name_or_path or base.get("name") or base.get("source")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         save_file(out, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config_dict(meta, name), indent=2))
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return {"tensors": len(out), "bytes": nbytes, "seconds": time.perf_counter() - t0}
