@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from framework.runtime.spawn import run_distributed
+from tests.hf_models import hf_logits, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-4
@@ -30,22 +31,10 @@ TINY = {
 
 
 def _tiny_hf(name: str, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, head_dim=16, vocab_size=256,
-                      max_position_embeddings=128, **TINY[name])
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    return model
+    return tiny_llama(seed, **TINY[name])
 
 
-def _logits(model, tokens):
-    with torch.no_grad():
-        return model(input_ids=tokens).logits.float()
+_logits = hf_logits
 
 
 def _read_all(hf_dir) -> dict:

@@ -10,6 +10,7 @@ import torch
 
 from framework.models import hf_llama
 from framework.runtime.spawn import run_distributed
+from tests.hf_models import hf_logits, tiny_llama
 from tests.real_model import require_smollm2
 
 TOL = 1e-4
@@ -27,23 +28,10 @@ TINY = {
 
 
 def _tiny_hf(name: str, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    shape = {"hidden_size": 64, **TINY[name]}
-    cfg = LlamaConfig(intermediate_size=128, head_dim=16, vocab_size=256, max_position_embeddings=128, **shape)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).float().eval()
-    # Norm weights are ones at init: randomise them so a misplaced norm cannot hide.
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    return model
+    return tiny_llama(seed, **TINY[name])
 
 
-def _hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(input_ids=tokens).logits.float()
+_hf_logits = hf_logits
 
 
 @pytest.fixture(scope="module")
