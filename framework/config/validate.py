@@ -59,6 +59,8 @@ def validate(cfg: DictConfig, world_size: int) -> ModelConfig:
                       cfg.data.get("loss_on", "assistant"))
     except ValueError as e:
         problems.append(str(e))
+    if not isinstance(cfg.data.get("packing", False), bool):
+        problems.append(f"data.packing={cfg.data.packing!r}: expected true or false")
     if isinstance(cfg.data.max_length, int) and cfg.data.max_length > model.max_position_embeddings:
         problems.append(f"data.max_length={cfg.data.max_length} exceeds the model's "
                         f"max_position_embeddings={model.max_position_embeddings}")

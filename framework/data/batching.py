@@ -13,6 +13,9 @@ cross entropy needs every label to be a valid id, and the mask already removes t
 Order. ``BatchOrder`` reads a fresh seeded permutation of all samples each epoch and cuts it into global
 batches; a batch that reaches the end of an epoch continues into the next one, so every sample is seen
 exactly once per epoch and none is skipped. Its position ``(epoch, position)`` is its whole state.
+
+Packing. With ``data.packing`` several samples share a row: ``collate_packed`` (framework/data/packing.py,
+re-exported here) and the batch semantics documented there.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import math
 
 import torch
 
+from framework.data.packing import collate_packed  # noqa: F401  (re-export: the packed collate)  # noqa: F401 (re-exported)
 from framework.data.sample import Sample
 
 

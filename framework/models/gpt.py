@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -78,18 +80,63 @@ def te_available() -> bool:
     return True
 
 
+def rope_from_position_ids(rotary, position_ids: torch.Tensor) -> torch.Tensor:
+    """megatron's rotary frequencies [s, b, 1, dim] at the given per-row ``position_ids`` [b, s].
+
+    Same arithmetic as ``RotaryEmbedding.get_emb`` (position x inv_freq, halves concatenated), but the
+    position of each token comes from ``position_ids`` instead of ``arange(s)`` shared by all rows; with
+    ``position_ids = arange(s)`` it is bitwise the same tensor, broadcast over the batch.
+    """
+    inv_freq = rotary.inv_freq.to(position_ids.device)
+    pos = position_ids.t().to(inv_freq.dtype)  # [s, b]
+    if rotary.seq_len_interpolation_factor is not None:
+        pos = pos * (1 / rotary.seq_len_interpolation_factor)
+    freqs = pos[..., None] * inv_freq  # [s, b, dim/2]
+    if rotary.rotary_interleaved:
+        emb = torch.stack((freqs, freqs), dim=-1).flatten(-2)
+    else:
+        emb = torch.cat((freqs, freqs), dim=-1)
+    return emb[:, :, None, :]
+
+
+@functools.lru_cache(maxsize=None)
+def _gpt_class():
+    """GPTModel whose RoPE follows ``position_ids``.
+
+    megatron-core 0.16.1's GPTModel computes rotary embeddings from the sequence length only
+    (``rotary_pos_emb(seq_len)`` = positions 0..s-1 for every row) and ignores ``position_ids`` for
+    ``rope``. Packed rows (framework/data/packing.py) restart positions at every sample, so training and
+    validation forwards (no inference context, no THD ``packed_seq_params``) take the rotary angles from
+    ``position_ids`` instead. Inference with a KV cache keeps megatron's own path.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    class PositionRoPEGPTModel(GPTModel):
+        def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
+                        packed_seq_params=None, padding_mask=None):
+            out = super()._preprocess(input_ids, position_ids, decoder_input=decoder_input,
+                                      inference_context=inference_context, packed_seq_params=packed_seq_params,
+                                      padding_mask=padding_mask)
+            if (self.position_embedding_type == "rope" and out[1] is not None and position_ids is not None
+                    and inference_context is None and packed_seq_params is None
+                    and position_ids.shape[-1] == out[1].shape[0]):
+                out = (out[0], rope_from_position_ids(self.rotary_pos_emb, position_ids)) + tuple(out[2:])
+            return out
+
+    return PositionRoPEGPTModel
+
+
 def build_gpt(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
               params_dtype: torch.dtype = torch.float32):
     """Build this rank's pipeline stage of a Llama-style GPTModel. Process groups must exist."""
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
 
     from framework.runtime import cpu_compat
 
     cpu_compat.refresh()
     on_gpu = torch.cuda.is_available()
     config = transformer_config(model, tp, pp, sp, params_dtype, on_gpu)
-    gpt = GPTModel(
+    gpt = _gpt_class()(
         config=config,
         transformer_layer_spec=layer_spec(config, use_te=te_available()),
         vocab_size=model.vocab_size,

@@ -118,14 +118,18 @@ def run(cfg: DictConfig) -> RunResult:
     val_before = validate_now()
     log.info("validation loss before training: %.4f", val_before)
 
-    order = BatchOrder(len(train_set), gbs, seed=int(cfg.seed))
+    # With data.packing the order runs over bins (rows of several samples), not samples: a global batch is
+    # global_batch_size bins; see framework/data/packing.py for the semantics.
+    bins = _pack_training_set(cfg, train_set, rt)
+    order = BatchOrder(len(train_set) if bins is None else len(bins), gbs, seed=int(cfg.seed))
     losses, tokens, t0, eval_time = [], 0, time.perf_counter(), 0.0
     bar = progress(total=int(tr.max_steps), desc="fine-tuning", enabled=rt.is_main)
     for step in range(1, int(tr.max_steps) + 1):
         indices = next(order)
-        res = train_step(model, optimizer, scheduler, _batches(indices, train_set, cfg, tokenizer, rt),
+        res = train_step(model, optimizer, scheduler, _batches(indices, train_set, cfg, tokenizer, rt, bins),
                          cfg.precision)
-        tokens += sum(len(train_set[i].input_ids) - 1 for i in indices)
+        samples = indices if bins is None else [i for b in indices for i in bins[b]]
+        tokens += sum(len(train_set[i].input_ids) - 1 for i in samples)
         losses.append(res.loss)
         bar.update(1, loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}")
         if step % int(tr.log_interval) == 0:
@@ -161,18 +165,55 @@ def run(cfg: DictConfig) -> RunResult:
     return result
 
 
-def _batches(indices, dataset, cfg, tokenizer, rt):
+def _packed_length(cfg, rt) -> int:
+    """Row length of packed batches: data.max_length rounded up to a multiple of TP under SP."""
+    multiple = rt.tp if rt.sp else 1
+    return math.ceil(int(cfg.data.max_length) / multiple) * multiple
+
+
+def _pack_training_set(cfg, train_set, rt):
+    """Bins of training-sample indices when data.packing is on (packed once, deterministically), else None."""
+    if not cfg.data.get("packing", False):
+        return None
+    from framework.config.validate import ConfigError
+    from framework.data.packing import pack, packing_efficiency, sample_positions
+    from framework.models.gpt import te_available
+
+    if te_available():
+        # TE's fused attention takes the causal mask type and would not apply our block-diagonal mask.
+        raise ConfigError("data.packing=true is supported on the local (non-Transformer-Engine) layer spec "
+                          "only; THD packed_seq_params for TE are not implemented")
+    lengths = [sample_positions(s) for s in train_set]
+    size = _packed_length(cfg, rt)
+    bins = pack(lengths, size)
+    if len(bins) < int(cfg.trainer.global_batch_size):
+        log.warning("packing: %d bins is fewer than trainer.global_batch_size=%d (a global batch is that many "
+                    "bins); batches will repeat bins", len(bins), int(cfg.trainer.global_batch_size))
+    if rt.is_main:
+        log.info("packing: %d samples into %d bins of %d positions, efficiency %.1f%% (%.2f samples per bin)",
+                 len(lengths), len(bins), size, 100 * packing_efficiency(bins, lengths, size),
+                 len(lengths) / len(bins))
+    return bins
+
+
+def _batches(indices, dataset, cfg, tokenizer, rt, bins=None):
     """This DP rank's micro-batches of a global batch, all padded to one length (PP needs it; SP needs a
-    multiple of TP)."""
+    multiple of TP). With ``bins`` (packing), ``indices`` are bin ids and every row is one packed bin of
+    ``_packed_length`` positions."""
     from megatron.core import parallel_state as ps
 
     from framework.data.batching import collate, micro_batches
 
+    mine = micro_batches(indices, ps.get_data_parallel_rank(), rt.dp, int(cfg.trainer.micro_batch_size))
+    if bins is not None:
+        from framework.data.packing import collate_packed
+
+        return [collate_packed([[dataset[i] for i in bins[b]] for b in mb], tokenizer.pad_id,
+                               _packed_length(cfg, rt)) for mb in mine]
     multiple = rt.tp if rt.sp else 1
     longest = max(len(dataset[i].input_ids) - 1 for i in indices)
     seq = math.ceil(longest / multiple) * multiple
-    return [collate([dataset[i] for i in mb], tokenizer.pad_id, seq_length=seq)
-            for mb in micro_batches(indices, ps.get_data_parallel_rank(), rt.dp, int(cfg.trainer.micro_batch_size))]
+    return [collate([dataset[i] for i in mb], tokenizer.pad_id, seq_length=seq) for mb in mine]
 
 
 def _validator(cfg, model, tokenizer, val_set, rt):

@@ -37,7 +37,10 @@ def _forward_step_fn(precision: str, device: torch.device):
         batch = next(data_iterator)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with _autocast(precision, device):
-            per_token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            # attention_mask: only packed batches carry one (block-diagonal causal, True = masked out);
+            # without it the core attention is plain causal.
+            per_token_loss = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                                   labels=batch["labels"])
         loss_mask = batch["loss_mask"]
 
         def loss_func(output_tensor):
