@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from framework.data.packing import collate_packed  # noqa: F401  (re-export: the packed collate)  # noqa: F401 (re-exported)
+from framework.data.packing import collate_packed  # noqa: F401  (re-export: the packed collate)
 from framework.data.sample import Sample
 
 
