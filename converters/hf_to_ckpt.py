@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_hf_tensors(hf_dir, model_cfg, progress: bool = True) -> dict:
     """Check every HF tensor (name known, shape as the config implies, one float dtype) from the
     safetensors headers only. Returns {'tensors', 'bytes', 'dtype'}; raises HFImportError naming the tensor."""
-    from safetensors import safe_open
+    from framework.checkpoint.safetensors_files import open_safetensors
 
     from framework.checkpoint.hf_export import hf_shapes
     from framework.checkpoint.hf_import import HFImportError, safetensors_index
@@ -65,11 +65,7 @@ def check_hf_tensors(hf_dir, model_cfg, progress: bool = True) -> dict:
     sizes = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}
     try:
         for path, names in by_file.items():
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as e:
-                raise HFImportError(f"{path} cannot be read (truncated or corrupted?): {e}") from None
-            with handle as f:
+            with open_safetensors(path, HFImportError) as f:
                 present = set(f.keys())
                 for name in names:
                     if name not in present:

@@ -22,3 +22,26 @@ def tiny_llama(seed: int, **shape):
 @torch.no_grad()
 def hf_logits(model, tokens):
     return model(input_ids=tokens).logits.float()
+
+
+def save_tiny_job_llama(path):
+    """The tiny random Llama the job tests fine-tune: vocabulary 512 to fit the tiny test tokenizer, 4 layers,
+    GQA 4:2, saved in Hugging Face format at ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                 tie_word_embeddings=False)).save_pretrained(path)
+    return path
+
+
+@torch.no_grad()
+def fill_trainable(model, seed: int = 2, scale: float = 0.05):
+    """Give every trainable parameter (the LoRA factors) seeded non-zero values, so that B != 0 and the
+    gradients of A are not trivially zero."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.copy_(torch.randn(p.shape, generator=g) * scale)

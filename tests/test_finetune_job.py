@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from framework.runtime.spawn import run_distributed
+from tests.hf_models import save_tiny_job_llama
 from tests.real_model import require_smollm2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,15 +54,7 @@ def test_layout_the_model_cannot_take_is_refused_before_process_groups_start(tmp
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory, tiny_tokenizer_dir):
     """A tiny random Llama in Hugging Face format whose vocabulary fits the tiny test tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny_hf")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                 max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
-                                 tie_word_embeddings=False)).save_pretrained(path)
-    return path
+    return save_tiny_job_llama(tmp_path_factory.mktemp("tiny_hf"))
 
 
 def tiny_job(tiny_hf, tiny_tokenizer_dir, out, *extra):

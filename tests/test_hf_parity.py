@@ -248,3 +248,15 @@ def test_smollm2_conversion_runs_once_under_concurrency(tmp_path, monkeypatch):
     target = tmp_path / hub.SMOLLM2_CACHE_NAME
     assert results == [target, target] and len(calls) == 1 and hub.is_complete(target)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temporary directory left behind
+
+
+@pytest.mark.timeout(60)
+def test_truncated_hf_file_is_named_by_the_import_itself(tmp_path):
+    """The training job's import path (not only the converter CLI) refuses a damaged safetensors file by name."""
+    from framework.checkpoint.hf_import import HFImportError, safetensors_index
+
+    _tiny_hf(next(iter(TINY)), 0).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(HFImportError, match=r"model\.safetensors cannot be read \(truncated or corrupted\?\)"):
+        safetensors_index(tmp_path)

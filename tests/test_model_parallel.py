@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from framework.runtime.spawn import run_distributed
+from tests.hf_models import fill_trainable
 
 ARCH = dict(vocab_size=256, hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2,
             ffn_hidden_size=128, kv_channels=16, max_position_embeddings=256, rotary_base=10000.0,
@@ -95,11 +96,7 @@ def _init_adapter_worker(hf_dir, adapter_dir):
     model = build_gpt(model_cfg)
     load_hf_into_gpt(model, hf_dir, model_cfg)
     apply_lora(model, targets=tuple(LORA["targets"]), rank=LORA["rank"], alpha=LORA["alpha"])
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    fill_trainable(model, seed=2, scale=0.05)
     save_adapter(model, adapter_dir, LORA, model_cfg)
 
 

@@ -9,6 +9,7 @@ import torch
 from framework.data.packing import collate_packed, pack, packing_efficiency
 from framework.data.sample import Sample
 from framework.runtime.spawn import run_distributed
+from tests.hf_models import fill_trainable, save_tiny_job_llama
 
 LORA = dict(rank=4, alpha=8.0, dropout=0.0, targets=["qkv", "proj", "fc1", "fc2"])
 SHAPE = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -102,11 +103,7 @@ def _worker(tp, sp, packed, hf_dir, adapter_dir, grad_dir):
     load_hf_into_gpt(model, hf_dir, model_cfg)
     apply_lora(model, targets=tuple(LORA["targets"]), rank=LORA["rank"], alpha=LORA["alpha"])
     if adapter_dir is None:  # first call: make the shared non-zero adapter
-        g = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        fill_trainable(model, seed=2, scale=0.05)
         save_adapter(model, grad_dir, LORA, model_cfg)
         return None
     load_adapter(model, adapter_dir, model_cfg)
@@ -219,14 +216,8 @@ def test_rope_from_arange_positions_is_megatrons():
 @pytest.mark.timeout(200)
 def test_packed_job_learns(tmp_path, tiny_tokenizer_dir, tmp_path_factory):
     from tests.test_finetune_job import _run_job, tiny_job
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    hf = tmp_path_factory.mktemp("tiny_hf_packing")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                 max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
-                                 tie_word_embeddings=False)).save_pretrained(hf)
+    hf = save_tiny_job_llama(tmp_path_factory.mktemp("tiny_hf_packing"))
     cfg = tiny_job(hf, tiny_tokenizer_dir, tmp_path, "data.packing=true", "data.max_length=256",
                    "trainer.global_batch_size=2")
     losses, before, after, _ = run_distributed(_run_job, 1, cfg, timeout=180)[0]

@@ -43,7 +43,7 @@ class HFImportError(ValueError):
 
 def safetensors_index(hf_dir: str | Path) -> dict[str, Path]:
     """{tensor name: file holding it} for a single-file or sharded safetensors checkpoint."""
-    from safetensors import safe_open
+    from framework.checkpoint.safetensors_files import open_safetensors
 
     hf_dir = Path(hf_dir)
     index = hf_dir / INDEX_FILE
@@ -56,7 +56,7 @@ def safetensors_index(hf_dir: str | Path) -> dict[str, Path]:
         return {name: files[f] for name, f in weight_map.items()}
     single = hf_dir / SINGLE_FILE
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
+        with open_safetensors(single, HFImportError) as f:
             return {name: single for name in f.keys()}
     raise HFImportError(f"{hf_dir} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors "
                         f"checkpoints are read)")
@@ -100,7 +100,7 @@ def load_hf_into_gpt(gpt_model, hf_dir: str | Path, model_cfg: ModelConfig) -> d
     Returns a small report: {'assigned': [our parameter names], 'hf_tensors_read': n}.
     """
     from megatron.core import parallel_state
-    from safetensors import safe_open
+    from framework.checkpoint.safetensors_files import open_safetensors
 
     hf_dir = Path(hf_dir)
     _check_config(hf_dir, model_cfg)
@@ -136,7 +136,7 @@ def load_hf_into_gpt(gpt_model, hf_dir: str | Path, model_cfg: ModelConfig) -> d
                                     f"from the checkpoint in {hf_dir}")
             path = index[hf_name]
             if path not in handles:
-                handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
+                handles[path] = stack.enter_context(open_safetensors(path, HFImportError))
             return handles[path].get_tensor(hf_name)
 
         for rule in hf_llama.LLAMA_WEIGHTS:

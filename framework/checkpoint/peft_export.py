@@ -60,7 +60,7 @@ def export_peft(adapter_dir, out_dir, base_model_name_or_path: str | None = None
     ``base_model_name_or_path`` defaults to the adapter's recorded base (``base.name`` or ``base.source``).
     Returns {'tensors', 'bytes', 'seconds'}.
     """
-    from safetensors import safe_open
+    from framework.checkpoint.safetensors_files import open_safetensors
     from safetensors.torch import save_file
 
     from framework.checkpoint.hf_export import DTYPES
@@ -89,11 +89,7 @@ def export_peft(adapter_dir, out_dir, base_model_name_or_path: str | None = None
         bar = tqdm(total=len(want), unit="tensor", desc="adapter", dynamic_ncols=True)
     out, nbytes = {}, 0
     try:
-        try:
-            handle = safe_open(str(weights), framework="pt")
-        except Exception as e:
-            raise PeftExportError(f"{weights} cannot be read (truncated or corrupted?): {e}") from None
-        with handle as f:
+        with open_safetensors(weights, PeftExportError) as f:
             keys = list(f.keys())
             for key in keys:
                 name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
