@@ -9,7 +9,6 @@ from framework.models.config import ModelConfig
 from framework.models.layout import LayoutError, check_layout
 
 PRECISIONS = ("fp32", "bf16")
-PEFT_METHODS = ("lora",)  # full-parameter SFT and the other methods arrive with the PEFT-suite issue
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:
@@ -48,8 +47,10 @@ def validate(cfg: DictConfig, world_size: int) -> ModelConfig:
         problems.append(f"trainer.max_steps={tr.max_steps} must be >= 1")
     if cfg.precision not in PRECISIONS:
         problems.append(f"precision={cfg.precision!r} is not one of {PRECISIONS} (fp8 arrives with the GPU path)")
-    if cfg.peft.method not in PEFT_METHODS:
-        problems.append(f"peft.method={cfg.peft.method!r} is not one of {PEFT_METHODS}")
+    from framework.peft.registry import METHODS
+
+    if cfg.peft.method not in METHODS:
+        problems.append(f"peft.method={cfg.peft.method!r} is not one of {sorted(METHODS)}")
     if cfg.model.source not in ("smollm2", "hf", "random"):
         problems.append(f"model.source={cfg.model.source!r} is not one of smollm2, hf, random")
     from framework.data.prepare import check_options

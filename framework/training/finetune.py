@@ -60,11 +60,9 @@ def build_model(cfg: DictConfig, model_cfg, rt):
         from framework.checkpoint.hf_import import load_hf_into_gpt
 
         load_hf_into_gpt(model, hub.model_dir(cfg.model), model_cfg)
-    if cfg.peft.method == "lora":
-        from framework.peft.lora import apply_lora
+    from framework.peft.registry import apply_peft
 
-        apply_lora(model, targets=tuple(cfg.peft.targets), rank=int(cfg.peft.rank), alpha=float(cfg.peft.alpha),
-                   dropout=float(cfg.peft.dropout), rslora=bool(cfg.peft.get("rslora", False)))
+    apply_peft(model, cfg.peft, model_cfg)
     return model
 
 
@@ -145,13 +143,12 @@ def run(cfg: DictConfig) -> RunResult:
     val_after = validate_now()
     log.info("validation loss after training: %.4f", val_after)
 
-    adapter_dir = None
-    if cfg.peft.method == "lora":
-        from framework.checkpoint.adapter import save_adapter
+    from framework.peft.registry import get_method, save_trained
 
-        adapter_dir = out / "adapters" / cfg.adapter_name
-        save_adapter(model.module, adapter_dir, OmegaConf.to_container(cfg.peft, resolve=True), model_cfg,
-                     base={"name": cfg.model.name, "source": cfg.model.source})
+    # PEFT methods write a small adapter directory; full fine-tuning (peft.method=none) writes weights/.
+    adapter_dir = out / "weights" if get_method(cfg.peft.method).trains_base else out / "adapters" / cfg.adapter_name
+    save_trained(model.module, adapter_dir, cfg.peft, model_cfg,
+                 base={"name": cfg.model.name, "source": cfg.model.source})
     completion_after = _complete(cfg, model, tokenizer, val_set, rt)
 
     result = RunResult(steps=int(tr.max_steps), val_loss_before=val_before, val_loss_after=val_after,
@@ -240,14 +237,14 @@ def _validator(cfg, model, tokenizer, val_set, rt):
 
 def evaluate_adapter(cfg: DictConfig, adapter_dir: str) -> float:
     """Validation loss of the configured model with a saved adapter, as the job computes it."""
-    from framework.checkpoint.adapter import load_adapter
+    from framework.peft.registry import load_trained
     from framework.runtime import distributed as rtd
 
     model_cfg, tokenizer, _train, val_set, _reports = prepare_inputs(cfg, rtd.world_size_from_env())
     par = cfg.parallel
     rt = rtd.initialize(tp=int(par.tensor), pp=int(par.pipeline), sp=bool(par.sequence), seed=int(cfg.seed))
     model = build_model(cfg, model_cfg, rt)
-    load_adapter(model, adapter_dir, model_cfg)
+    load_trained(model, adapter_dir, cfg.peft, model_cfg)
     return _validator(cfg, model, tokenizer, val_set, rt)()
 
 
