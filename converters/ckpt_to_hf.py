@@ -46,12 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _worker(ckpt_dir, out_dir, tp, pp, tokenizer, dtype, max_shard_bytes, progress):
     from framework.checkpoint.ckpt_format import load_checkpoint_into, model_config_of
     from framework.checkpoint.hf_export import export_hf
-    from framework.models.gpt import build_gpt
+    from framework.models.registry import build_model
     from framework.runtime.distributed import initialize
 
     cfg = model_config_of(ckpt_dir)
     initialize(tp=tp, pp=pp)
-    gpt = build_gpt(cfg, tp=tp, pp=pp)
+    gpt = build_model(cfg, tp=tp, pp=pp)
     load_checkpoint_into(gpt, ckpt_dir, cfg, check_hashes=False)  # convert() checked them
     return export_hf(gpt, out_dir, cfg, tokenizer_dir=tokenizer, dtype=dtype, max_shard_bytes=max_shard_bytes,
                      progress=progress)

@@ -49,10 +49,13 @@ def check_hf_tensors(hf_dir, model_cfg, progress: bool = True) -> dict:
 
     from framework.checkpoint.hf_export import hf_shapes
     from framework.checkpoint.hf_import import HFImportError, safetensors_index
-    from framework.models import hf_llama
+    from framework.models import weight_table as wt
+    from framework.models.registry import get_family
 
     index = safetensors_index(hf_dir)
     want = hf_shapes(model_cfg)
+    family = get_family(model_cfg.family)
+    rules = family.rules(model_cfg.tie_word_embeddings)
     by_file: dict = {}
     for name, path in index.items():
         by_file.setdefault(path, []).append(name)
@@ -71,10 +74,14 @@ def check_hf_tensors(hf_dir, model_cfg, progress: bool = True) -> dict:
                     if name not in present:
                         raise HFImportError(f"HF tensor {name!r} is listed in the index for {path.name} but "
                                             f"that file does not hold it")
-                    kind = hf_llama.classify_hf_name(name, model_cfg.tie_word_embeddings, model_cfg.num_layers)
+                    try:
+                        kind = wt.classify_hf_name(name, rules, family.ignored, model_cfg.tie_word_embeddings,
+                                                   model_cfg.num_layers, model_cfg.num_experts)
+                    except ValueError as e:
+                        raise HFImportError(f"{e} (in {path.name})") from None
                     if kind is None:
-                        raise HFImportError(f"HF tensor {name!r} in {path.name} is not a Llama weight known to "
-                                            f"the name table")
+                        raise HFImportError(f"HF tensor {name!r} in {path.name} is not a {family.name} weight "
+                                            f"known to the name table (framework/models/families/{family.name}.py)")
                     sl = f.get_slice(name)
                     shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
                     if dtype not in sizes:
@@ -106,13 +113,12 @@ def check_hf_tensors(hf_dir, model_cfg, progress: bool = True) -> dict:
 def _worker(hf_dir: str, out_dir: str, tp: int, pp: int, tokenizer: str | None, hf_dtype: str):
     from framework.checkpoint.ckpt_format import save_checkpoint
     from framework.checkpoint.hf_import import load_hf_into_gpt
-    from framework.models import hf_llama
-    from framework.models.gpt import build_gpt
+    from framework.models.registry import build_model, config_from_hf
     from framework.runtime.distributed import initialize
 
-    cfg = hf_llama.config_from_hf(json.loads((Path(hf_dir) / "config.json").read_text()))
+    cfg = config_from_hf(json.loads((Path(hf_dir) / "config.json").read_text()))
     initialize(tp=tp, pp=pp)
-    gpt = build_gpt(cfg, tp=tp, pp=pp)
+    gpt = build_model(cfg, tp=tp, pp=pp)
     load_hf_into_gpt(gpt, hf_dir, cfg)
     save_checkpoint(gpt, out_dir, cfg, tokenizer_src=tokenizer, hf_dtype=hf_dtype, source=str(Path(hf_dir).absolute()))
     return True
@@ -122,7 +128,7 @@ def convert(hf_dir, out_dir, tp: int = 1, pp: int = 1, tokenizer=None, force: bo
             progress: bool = True) -> dict:
     """HF_DIR -> OUT_DIR; returns {'tensors', 'bytes', 'seconds'}."""
     from framework.checkpoint.hf_import import HFImportError
-    from framework.models import hf_llama
+    from framework.models.registry import config_from_hf
 
     t0 = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -133,7 +139,7 @@ def convert(hf_dir, out_dir, tp: int = 1, pp: int = 1, tokenizer=None, force: bo
     if tp < 1 or pp < 1:
         raise ValueError(f"--tp and --pp must be >= 1 (got {tp}, {pp})")
     try:
-        cfg = hf_llama.config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+        cfg = config_from_hf(json.loads((hf_dir / "config.json").read_text()))
     except json.JSONDecodeError as e:
         raise HFImportError(f"{hf_dir / 'config.json'} is not valid JSON: {e}") from None
     checked = check_hf_tensors(hf_dir, cfg, progress=progress)

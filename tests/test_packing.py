@@ -89,7 +89,7 @@ def _worker(tp, sp, packed, hf_dir, adapter_dir, grad_dir):
     from framework.checkpoint.hf_import import load_hf_into_gpt
     from framework.data.batching import collate
     from framework.data.packing import sample_positions
-    from framework.models import hf_llama
+    from framework.models import registry as hf_llama  # config_from_hf of any family
     from framework.models.gpt import build_gpt
     from framework.peft.lora import apply_lora
     from framework.runtime import initialize

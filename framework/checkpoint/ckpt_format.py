@@ -21,8 +21,7 @@ import shutil
 from pathlib import Path
 
 from framework.checkpoint.atomic import publish
-from framework.models import hf_llama
-from framework.models.config import ModelConfig
+from framework.models.config import ModelConfig, arch_mismatches
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.yaml"
@@ -153,7 +152,7 @@ def tokenizer_dir(ckpt_dir) -> Path | None:
 
 def config_mismatches(expected: ModelConfig, found: ModelConfig) -> list[str]:
     """Architecture differences (shapes/numerics) plus the family."""
-    out = hf_llama.arch_mismatches(expected, found)
+    out = arch_mismatches(expected, found)
     if expected.family != found.family:
         out.insert(0, f"family: configured {expected.family!r}, checkpoint has {found.family!r}")
     return out

@@ -1,4 +1,4 @@
-"""Our model (any TP/PP, LoRA-wrapped or not: base weights only) -> a Hugging Face Llama directory.
+"""Our model (any TP/PP, LoRA-wrapped or not: base weights only) -> a Hugging Face directory of its family.
 
     OUT/model.safetensors               (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
     OUT/config.json                     LlamaConfig-compatible, written with plain json
@@ -6,8 +6,8 @@
 
 One tensor at a time, in HF order (embedding, layers 0..L-1, final norm, lm_head): every rank offers its
 local shard of the parameter (None if its stage does not hold it); global rank 0 gathers them, undoes the
-TP sharding and the fusions with the inverse of the name table's transforms (framework/models/hf_llama.py,
-fused_layout.py), checks the shape against the HF shape the config implies, and appends the result to the
+TP sharding and the fusions with the inverse of the name table's transforms (framework/models/families/,
+weight_table.py), checks the shape against the HF shape the config implies, and appends the result to the
 current output file, which is written once it reaches ``max_shard_bytes``. Peak memory on rank 0 is one
 output file plus one parameter, beyond the model stage itself. Every HF tensor of the table is written
 exactly once and every base parameter of every stage is consumed; otherwise :class:`HFExportError`.
@@ -15,6 +15,7 @@ exactly once and every base parameter of every stage is consumed; otherwise :cla
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,9 +25,8 @@ from pathlib import Path
 import torch
 
 from framework.checkpoint.atomic import publish, temp_dir_beside
-from framework.models import hf_llama
+from framework.models import weight_table as wt
 from framework.models.config import ModelConfig
-from framework.models.fused_layout import split_qkv, unfuse_gate_up
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,105 +35,51 @@ class HFExportError(ValueError):
     """A model that cannot be written as the HF checkpoint its config describes (names the tensor)."""
 
 
+def _family(cfg: ModelConfig):
+    from framework.models.registry import get_family
+
+    return get_family(cfg.family)
+
+
 def hf_config_dict(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """config.json for transformers' LlamaForCausalLM (4.x and 5.x read it)."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.ffn_hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_query_groups,
-        "head_dim": cfg.kv_channels,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "initializer_range": cfg.init_method_std,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rotary_base,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "use_cache": True,
-        "torch_dtype": dtype,
-        "dtype": dtype,
-    }
+    """config.json for transformers' model class of the family (4.x and 5.x read it)."""
+    return _family(cfg).hf_config(cfg, dtype)
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name an HF Llama checkpoint of this config holds, with its shape, in HF order."""
-    h, d, f, V = cfg.hidden_size, cfg.kv_channels, cfg.ffn_hidden_size, cfg.vocab_size
-    n, g = cfg.num_attention_heads, cfg.num_query_groups
-    out = {"model.embed_tokens.weight": (V, h)}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        out.update({
-            p + "input_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (n * d, h), p + "self_attn.k_proj.weight": (g * d, h),
-            p + "self_attn.v_proj.weight": (g * d, h), p + "self_attn.o_proj.weight": (h, n * d),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f),
-        })
-    out["model.norm.weight"] = (h,)
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = (V, h)
-    return out
-
-
-def _inverse(rule: hf_llama.WeightRule, shards: list[torch.Tensor], cfg: ModelConfig) -> list[torch.Tensor]:
-    """TP shards of one parameter (rank order) -> the HF tensors of ``rule.hf``."""
-    t = rule.transform
-    if t == "replicate":
-        for k, s in enumerate(shards[1:], 1):
-            if not torch.equal(s, shards[0]):
-                raise HFExportError(f"replicated parameter {rule.ours!r} differs between TP rank 0 and {k}")
-        return [shards[0]]
-    if t == "vocab":
-        return [torch.cat(shards, dim=0)]
-    if t == "row":
-        return [torch.cat(shards, dim=1)]
-    if t == "qkv":
-        return list(split_qkv(torch.cat(shards, dim=0), cfg.num_attention_heads, cfg.num_query_groups))
-    if t == "gate_up":
-        return list(unfuse_gate_up(shards))
-    raise HFExportError(f"no inverse for transform {t!r} (rule for {rule.ours!r})")
+    """Every tensor name an HF checkpoint of this config holds, with its shape, in HF order."""
+    return _family(cfg).hf_shapes(cfg)
 
 
 def _export_plan(cfg: ModelConfig):
-    """[(rule, global layer or None)] in HF order; each HF name appears once (tied: embedding only)."""
-    plan, seen = [], set()
-    rules = [r for r in hf_llama.LLAMA_WEIGHTS if r.applies(cfg.tie_word_embeddings)]
-    globals_first = [r for r in rules if not r.per_layer and r.ours.startswith("embedding")]
+    """[(rule, global layer or None, expert or None, HF names, duplicate)] in HF order; each HF name
+    appears once (tied: the output layer's copy of the embedding is a duplicate, checked not written)."""
+    from framework.checkpoint.hf_import import stack_of
+
+    rules = _family(cfg).rules(cfg.tie_word_embeddings)
+    globals_first = [r for r in rules if not r.per_layer and r.ours.startswith(("embedding", "encoder"))]
     per_layer = [r for r in rules if r.per_layer]
-    globals_last = [r for r in rules if not r.per_layer and not r.ours.startswith("embedding")]
-    for r in globals_first:
-        plan.append((r, None))
-    for i in range(cfg.num_layers):
-        plan += [(r, i) for r in per_layer]
+    globals_last = [r for r in rules if not r.per_layer and r not in globals_first]
+    plan = [(r, None) for r in globals_first]
+    for stack in dict.fromkeys(stack_of(r) for r in per_layer):  # encoder before decoder, as listed
+        for i in range(cfg.num_layers):
+            plan += [(r, i) for r in per_layer if stack_of(r) == stack]
     plan += [(r, None) for r in globals_last]
-    out = []
+    out, seen = [], set()
     for rule, i in plan:
-        names = tuple(n.format(i=i) for n in rule.hf) if i is not None else rule.hf
-        # the tied output layer (a copy on the last stage under PP): checked against the embedding, not written
-        duplicate = any(n in seen for n in names)
-        seen.update(names)
-        out.append((rule, i, names, duplicate))
+        for e in wt.experts(rule, cfg.num_experts):
+            names = tuple(n.format(i=i, e=e) for n in rule.hf)
+            duplicate = any(n in seen for n in names)
+            seen.update(names)
+            out.append((rule, i, e if rule.per_expert else None, names, duplicate))
     return out
 
 
-def _local_params(gpt) -> tuple[dict, int]:
-    """({our name: tensor} of base weights, global index of this stage's first layer)."""
+def _local_params(gpt) -> dict:
+    """{our name: tensor} of base weights on this stage."""
     sd = gpt.state_dict()  # LoRALinear's hooks keep base keys unchanged
-    params = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and ".lora_" not in k
-              and not k.endswith("_extra_state") and not k.endswith("._extra_state")}
-    layers = gpt.decoder.layers
-    offset = layers[0].layer_number - 1 if len(layers) else 0
-    return params, offset
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and ".lora_" not in k
+            and not k.endswith("_extra_state") and not k.endswith("._extra_state")}
 
 
 class _ShardWriter:
@@ -203,9 +149,11 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
         contributes = ps.get_data_parallel_rank(with_context_parallel=True) == 0
     else:
         tp_rank, contributes = 0, True
+    from framework.checkpoint.hf_import import layer_offset, shard_context, stack_of
+
     gpt = unwrap_model(model)
-    params, offset = _local_params(gpt)
-    n_local = len(gpt.decoder.layers)
+    params = _local_params(gpt)
+    ctx = shard_context(model_cfg, 0, 1)
     target_dtype = DTYPES[dtype] if dtype else None
     if dtype and dtype not in DTYPES:
         raise HFExportError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -226,12 +174,13 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
     error = None
     try:
         kept: dict[str, torch.Tensor] = {}  # tensors a later duplicate is compared with (tied embedding)
-        dup_names = {n for _, _, names, dup in plan if dup for n in names}
-        for rule, layer, hf_names, duplicate in plan:
+        dup_names = {n for *_, names, dup in plan if dup for n in names}
+        for rule, layer, expert, hf_names, duplicate in plan:
+            offset, n_local = layer_offset(gpt, stack_of(rule)) if rule.per_layer else (0, 0)
             local = None if layer is None else layer - offset
-            ours = rule.ours.format(i=local) if local is not None else rule.ours
+            ours = rule.ours.format(i=local, e=expert)
             if ours not in params and rule.te_ours is not None:
-                ours = rule.te_ours.format(i=local) if local is not None else rule.te_ours
+                ours = rule.te_ours.format(i=local, e=expert)
             mine = None
             if contributes and (local is None or 0 <= local < n_local) and ours in params:
                 consumed.add(ours)
@@ -255,7 +204,11 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
                 tp = max(offered) + 1
                 if sorted(offered) != list(range(tp)):
                     raise HFExportError(f"parameter {ours!r}: TP shards {sorted(offered)} offered, not 0..{tp - 1}")
-                values = _inverse(rule, [offered[r] for r in range(tp)], model_cfg)
+                try:
+                    values = wt.invert_transform(rule, [offered[r] for r in range(tp)],
+                                                 dataclasses.replace(ctx, tp_size=tp))
+                except ValueError as e:
+                    raise HFExportError(f"parameter {ours!r}: {e}") from None
                 if duplicate:
                     for name, value in zip(hf_names, values):
                         if not torch.equal(value, kept[name]):

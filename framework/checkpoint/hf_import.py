@@ -1,8 +1,9 @@
-"""Load a Hugging Face Llama safetensors checkpoint into this rank's stage of our GPTModel.
+"""Load a Hugging Face safetensors checkpoint of any registered family into this rank's model stage.
 
 Every rank reads only what its pipeline stage needs, one tensor at a time through
 ``safetensors.safe_open`` (memory-mapped; the whole model is never in memory), and keeps its own
-tensor-parallel shard (transforms in framework/models/hf_llama.py). Strict in both directions:
+tensor-parallel shard (the family's table, framework/models/families/, through the shared transforms of
+framework/models/weight_table.py). Strict in both directions:
 
 * every parameter of the stage is assigned exactly once, with the parameter's shape (the HF tensor
   is cast to the parameter's dtype);
@@ -28,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from framework.models import hf_llama
-from framework.models.config import ModelConfig
+from framework.models import weight_table as wt
+from framework.models.config import ModelConfig, arch_mismatches
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,17 @@ def _unwrap(model):
     return model
 
 
-def _layer_offset(gpt) -> tuple[int, int]:
-    """(global index of this stage's first layer, number of layers on this stage)."""
-    layers = gpt.decoder.layers
+def stack_of(rule: wt.WeightRule) -> str:
+    """The attribute holding the layer stack a per-layer rule belongs to: 'decoder' (GPT), 'encoder' (T5)."""
+    return rule.ours.split(".layers.{i}")[0]
+
+
+def layer_offset(model, stack: str = "decoder") -> tuple[int, int]:
+    """(global index of this stage's first layer, number of layers on this stage) of a layer stack."""
+    block = model
+    for part in stack.split("."):
+        block = getattr(block, part, None)
+    layers = block.layers if block is not None else []
     if len(layers) == 0:
         return 0, 0
     offset = layers[0].layer_number - 1  # megatron numbers layers from 1, globally
@@ -82,14 +91,30 @@ def _layer_offset(gpt) -> tuple[int, int]:
     return offset, len(layers)
 
 
-def _check_config(hf_dir: Path, model_cfg: ModelConfig) -> None:
+def _check_config(hf_dir: Path, model_cfg: ModelConfig):
+    """The family of the checkpoint, after checking its config.json describes ``model_cfg``."""
+    from framework.models.registry import family_for_hf
+
     config = hf_dir / "config.json"
     if not config.is_file():
         raise HFImportError(f"{hf_dir} has no config.json")
-    found = hf_llama.config_from_hf(json.loads(config.read_text()))
-    bad = hf_llama.arch_mismatches(model_cfg, found)
+    try:
+        hf = json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise HFImportError(f"{config} is not valid JSON: {e}") from None
+    family = family_for_hf(hf)
+    found = family.config_from_hf(hf)
+    bad = arch_mismatches(model_cfg, found)
+    if found.family != model_cfg.family:
+        bad.insert(0, f"family: configured {model_cfg.family!r}, checkpoint has {found.family!r}")
     if bad:
         raise HFImportError(f"{config} does not match the model being loaded:\n  " + "\n  ".join(bad))
+    return family
+
+
+def shard_context(model_cfg: ModelConfig, tp_rank: int, tp_size: int) -> wt.ShardContext:
+    return wt.ShardContext(tp_rank=tp_rank, tp_size=tp_size, num_heads=model_cfg.num_attention_heads,
+                           num_groups=model_cfg.num_query_groups, head_dim=model_cfg.kv_channels)
 
 
 def load_hf_into_gpt(gpt_model, hf_dir: str | Path, model_cfg: ModelConfig) -> dict:
@@ -103,27 +128,27 @@ def load_hf_into_gpt(gpt_model, hf_dir: str | Path, model_cfg: ModelConfig) -> d
     from framework.checkpoint.safetensors_files import open_safetensors
 
     hf_dir = Path(hf_dir)
-    _check_config(hf_dir, model_cfg)
+    family = _check_config(hf_dir, model_cfg)
     gpt = _unwrap(gpt_model)
     index = safetensors_index(hf_dir)
     tied = model_cfg.tie_word_embeddings
-    offset, n_local = _layer_offset(gpt)
+    rules = family.rules(tied)
+    offsets = {stack_of(r): layer_offset(gpt, stack_of(r)) for r in rules if r.per_layer}
 
     # The HF side: every name must be known, and its layer must exist.
     for name in index:
         try:
-            kind = hf_llama.classify_hf_name(name, tied, model_cfg.num_layers)
-        except ValueError as e:  # a layer index beyond the model
+            kind = wt.classify_hf_name(name, rules, family.ignored, tied, model_cfg.num_layers,
+                                       model_cfg.num_experts)
+        except ValueError as e:  # a layer or expert index beyond the model
             raise HFImportError(f"{e} (in {index[name].name})") from None
         if kind is None:
-            raise HFImportError(f"HF tensor {name!r} in {index[name].name} is not a Llama weight "
-                                f"known to framework/models/hf_llama.py (LLAMA_WEIGHTS)")
+            raise HFImportError(f"HF tensor {name!r} in {index[name].name} is not a {family.name} weight "
+                                f"known to framework/models/families/{family.name}.py (WEIGHTS)")
 
     params = dict(gpt.named_parameters())
-    ctx = hf_llama.ShardContext(
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
-        num_heads=model_cfg.num_attention_heads, num_groups=model_cfg.num_query_groups)
+    ctx = shard_context(model_cfg, parallel_state.get_tensor_model_parallel_rank(),
+                        parallel_state.get_tensor_model_parallel_world_size())
 
     assigned: dict[str, str] = {}
     n_read = 0
@@ -139,13 +164,12 @@ def load_hf_into_gpt(gpt_model, hf_dir: str | Path, model_cfg: ModelConfig) -> d
                 handles[path] = stack.enter_context(open_safetensors(path, HFImportError))
             return handles[path].get_tensor(hf_name)
 
-        for rule in hf_llama.LLAMA_WEIGHTS:
-            if not rule.applies(tied):
-                continue
+        for rule in rules:
+            offset, n_local = offsets[stack_of(rule)] if rule.per_layer else (0, 0)
             layers = range(n_local) if rule.per_layer else [None]
-            for local in layers:
-                fmt = {} if local is None else {"i": local}
-                hf_fmt = {} if local is None else {"i": local + offset}
+            for local, e in ((i, e) for i in layers for e in wt.experts(rule, model_cfg.num_experts)):
+                fmt = ({} if local is None else {"i": local}) | {"e": e}
+                hf_fmt = ({} if local is None else {"i": local + offset}) | {"e": e}
                 ours = rule.ours.format(**fmt)
                 if ours not in params and rule.te_ours is not None:
                     ours = rule.te_ours.format(**fmt)
@@ -156,7 +180,7 @@ def load_hf_into_gpt(gpt_model, hf_dir: str | Path, model_cfg: ModelConfig) -> d
                 tensors = [read(n, ours) for n in hf_names]
                 n_read += len(tensors)
                 try:
-                    value = hf_llama.apply_transform(rule, tensors, ctx)
+                    value = wt.apply_transform(rule, tensors, ctx)
                 except Exception as e:
                     shapes = [tuple(t.shape) for t in tensors]
                     raise HFImportError(f"cannot convert HF tensor(s) {hf_names} with shapes {shapes} into "
@@ -179,6 +203,6 @@ def load_hf_into_gpt(gpt_model, hf_dir: str | Path, model_cfg: ModelConfig) -> d
     if unassigned:
         raise HFImportError(f"parameter(s) {unassigned} of this stage have no source in the HF name table; "
                             f"the model would keep random weights there")
-    log.info("loaded %d parameters of layers %d..%d from %s (%d HF tensors read)",
-             len(assigned), offset, offset + n_local - 1, hf_dir, n_read)
+    log.info("loaded %d parameters (layers %s) from %s (%d HF tensors read)", len(assigned),
+             ", ".join(f"{k} {o}..{o + n - 1}" for k, (o, n) in offsets.items()), hf_dir, n_read)
     return {"assigned": sorted(assigned), "hf_tensors_read": n_read}

@@ -5,10 +5,19 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "squared_relu")
+POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Architecture hyper-parameters. Field names follow megatron-core; `family` picks the registry entry."""
+    """Architecture hyper-parameters. Field names follow megatron-core; `family` picks the registry entry.
+
+    The defaults describe a Llama: RMSNorm, SwiGLU MLP (``activation=silu`` with ``gated_linear_unit``),
+    no biases, RoPE. Other families set the fields that differ (GPT-2: LayerNorm, GELU, biases, learned
+    positions; Gemma: zero-centred norm weights and a scaled embedding; ...).
+    """
 
     family: str = "llama"
     vocab_size: int = 256
@@ -23,12 +32,31 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     init_method_std: float = 0.02
+    # -- what differs between families -------------------------------------------------------------
+    normalization: str = "RMSNorm"           # RMSNorm | LayerNorm
+    zero_centered_gamma: bool = False        # norm computes x_hat * (1 + w): Gemma RMSNorm, Nemotron LayerNorm1p
+    activation: str = "silu"                 # silu | gelu | gelu_tanh | relu | squared_relu
+    gated_linear_unit: bool = True           # MLP = act(gate x) * (up x), else act(fc1 x)
+    add_bias_linear: bool = False            # biases on every linear layer
+    add_qkv_bias: bool = False               # biases on the q/k/v projection only (Qwen2)
+    position_embedding_type: str = "rope"    # rope | learned_absolute
+    rotary_percent: float = 1.0              # fraction of each head's dims that RoPE rotates
+    rope_scaling: Optional[dict] = None      # HF rope_scaling/rope_parameters of a scaled RoPE (llama3, linear)
+    sliding_window: Optional[int] = None     # attend to at most this many previous tokens (Mistral)
+    parallel_attention_mlp: bool = False     # x + attn(ln(x)) + mlp(ln(x)) in one residual step (Falcon)
+    embedding_multiplier: Optional[float] = None  # scale word embeddings by this (Gemma: sqrt(hidden_size))
+    num_experts: int = 0                     # mixture-of-experts MLP with this many experts (0: dense)
+    moe_router_topk: int = 2                 # experts per token
 
     def __post_init__(self):
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.kv_channels is None:
             self.kv_channels = self.hidden_size // self.num_attention_heads
+        for name, allowed in (("normalization", NORMALIZATIONS), ("activation", ACTIVATIONS),
+                              ("position_embedding_type", POSITION_EMBEDDINGS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -41,11 +69,22 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def num_parameters(self) -> int:
-        """Parameter count of a Llama-style model with these shapes (embeddings counted once if tied)."""
-        h, d = self.hidden_size, self.kv_channels
-        attn = h * d * (self.num_attention_heads + 2 * self.num_query_groups) + d * self.num_attention_heads * h
-        mlp = 3 * h * self.ffn_hidden_size
-        per_layer = attn + mlp + 2 * h
-        emb = self.vocab_size * h
-        return self.num_layers * per_layer + h + emb * (1 if self.tie_word_embeddings else 2)
+
+# Fields that do not decide the weights' shapes or the model's numerics: max_position_embeddings only sizes
+# the RoPE cache (or, for learned positions, is checked through the tensor's shape), init_method_std only
+# matters for random initialisation.
+NON_ARCH_FIELDS = ("family", "max_position_embeddings", "init_method_std")
+
+
+def arch_mismatches(expected: ModelConfig, found: ModelConfig) -> list[str]:
+    """['field: configured X, checkpoint has Y', ...] over every architecture field."""
+    out = []
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in NON_ARCH_FIELDS:
+            continue
+        a, b = getattr(expected, f.name), getattr(found, f.name)
+        # Floats compare to float32 precision: GGUF-derived configs store e.g. eps 1e-5 as 9.9999997e-06.
+        same = abs(float(a) - float(b)) <= 1e-6 * abs(float(a)) if isinstance(a, float) and b is not None else a == b
+        if not same:
+            out.append(f"{f.name}: configured {a!r}, checkpoint has {b!r}")
+    return out

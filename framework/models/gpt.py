@@ -11,6 +11,31 @@ from framework.models.config import ModelConfig
 from framework.models.norms import norm_class
 
 
+def activation(name: str):
+    """ModelConfig.activation -> the function megatron's MLP applies (to the gate, with a GLU)."""
+    from megatron.core.activations import squared_relu
+
+    return {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+            "relu": F.relu, "squared_relu": squared_relu}[name]
+
+
+# What the local layer spec cannot build yet, refused before any weight is touched.
+_NOT_BUILT = {
+    "rope_scaling": "scaled RoPE",
+    "sliding_window": "sliding-window attention",
+    "parallel_attention_mlp": "the parallel attention/MLP block",
+    "embedding_multiplier": "embedding scaling",
+    "num_experts": "mixture-of-experts layers",
+}
+
+
+def _refuse_unbuilt(model: ModelConfig) -> None:
+    for field, what in _NOT_BUILT.items():
+        if getattr(model, field):
+            raise NotImplementedError(f"model.arch.{field}={getattr(model, field)!r}: {what} is not implemented "
+                                      f"in framework/models/gpt.py yet")
+
+
 def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
                        params_dtype: torch.dtype = torch.float32, on_gpu: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -23,11 +48,12 @@ def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = 
         num_query_groups=model.num_query_groups,
         kv_channels=model.kv_channels,
         layernorm_epsilon=model.norm_eps,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
+        normalization=model.normalization,
+        layernorm_zero_centered_gamma=model.zero_centered_gamma,
+        gated_linear_unit=model.gated_linear_unit,
+        activation_func=activation(model.activation),
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias or model.add_bias_linear,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -128,11 +154,12 @@ def _gpt_class():
 
 def build_gpt(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
               params_dtype: torch.dtype = torch.float32):
-    """Build this rank's pipeline stage of a Llama-style GPTModel. Process groups must exist."""
+    """Build this rank's pipeline stage of a decoder-only GPTModel. Process groups must exist."""
     from megatron.core import parallel_state
 
     from framework.runtime import cpu_compat
 
+    _refuse_unbuilt(model)
     cpu_compat.refresh()
     on_gpu = torch.cuda.is_available()
     config = transformer_config(model, tp, pp, sp, params_dtype, on_gpu)
@@ -144,7 +171,8 @@ def build_gpt(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=model.tie_word_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type=model.position_embedding_type,
+        rotary_percent=model.rotary_percent,
         rotary_base=int(model.rotary_base),
         parallel_output=True,
     )

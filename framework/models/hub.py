@@ -28,8 +28,7 @@ import time
 from pathlib import Path
 
 from framework.config.errors import ConfigError
-from framework.models import hf_llama
-from framework.models.config import ModelConfig
+from framework.models.config import ModelConfig, arch_mismatches
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +184,11 @@ def model_config_for(node) -> ModelConfig:
             raise ConfigError("model.arch must be given when model.source=random")
         return declared
     directory = model_dir(node)
-    found = hf_llama.config_from_hf(json.loads((directory / "config.json").read_text()))
+    from framework.models.registry import config_from_hf
+
+    found = config_from_hf(json.loads((directory / "config.json").read_text()))
     if declared is not None:
-        bad = hf_llama.arch_mismatches(declared, found)
+        bad = arch_mismatches(declared, found)
         if bad:
             raise ConfigError(f"model.arch does not match {directory / 'config.json'}:\n  " + "\n  ".join(bad))
     return found

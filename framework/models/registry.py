@@ -1,7 +1,7 @@
 """Model families: how each maps a Hugging Face config and weights onto a megatron-core model.
 
-A family is data plus two functions: its HF ``model_type`` names, ``config_from_hf`` (config.json ->
-ModelConfig), its weight table (HF name pattern -> our name, shared transform), and ``build`` (ModelConfig +
+A family is a module of data and small functions (framework/models/families/: its HF ``model_type``
+names, ``config_from_hf``, ``hf_config``, ``hf_shapes``, the weight table) plus ``build`` (ModelConfig +
 layout -> this rank's megatron model stage). New families add an entry here; nothing else dispatches on
 family names.
 """
@@ -9,10 +9,12 @@ family names.
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Callable
 
 from framework.config.errors import ConfigError
-from framework.models import hf_llama
+from framework.models.config import ModelConfig
+from framework.models.families import llama
 from framework.models.gpt import build_gpt
 
 
@@ -20,13 +22,24 @@ from framework.models.gpt import build_gpt
 class Family:
     name: str
     hf_model_types: tuple[str, ...]
-    config_from_hf: Callable
-    weight_table: tuple
+    config_from_hf: Callable[[dict], ModelConfig]
+    hf_config: Callable[..., dict]
+    hf_shapes: Callable[[ModelConfig], dict]
+    weights: tuple
+    ignored: tuple
     build: Callable
+
+    @classmethod
+    def of(cls, name: str, module: types.ModuleType, build: Callable = build_gpt) -> "Family":
+        return cls(name, module.HF_MODEL_TYPES, module.config_from_hf, module.hf_config, module.hf_shapes,
+                   module.WEIGHTS, module.IGNORED, build)
+
+    def rules(self, tied: bool) -> list:
+        return [r for r in self.weights if r.applies(tied)]
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", ("llama",), hf_llama.config_from_hf, hf_llama.LLAMA_WEIGHTS, build_gpt),
+    "llama": Family.of("llama", llama),
 }
 
 
@@ -44,3 +57,13 @@ def family_for_hf(config: dict) -> Family:
             return family
     known = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
     raise ConfigError(f"config.json model_type={model_type!r} is not supported yet; supported: {known}")
+
+
+def config_from_hf(config: dict) -> ModelConfig:
+    """The ModelConfig of any supported HF ``config.json`` (as a dict); ValueError/ConfigError name the key."""
+    return family_for_hf(config).config_from_hf(config)
+
+
+def build_model(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False, **kwargs):
+    """This rank's stage of ``model``, built by its family (process groups must exist)."""
+    return get_family(model.family).build(model, tp, pp, sp, **kwargs)
