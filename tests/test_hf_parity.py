@@ -90,6 +90,20 @@ def test_tiny_llama_parity(tiny_cases, tp, pp, sp, mbs):
     _check(run_distributed(_parity_worker, world, tp, pp, tiny_cases, sp, mbs, timeout=110), world)
 
 
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("layers,pp", [(5, 2), (5, 3), (7, 4)], ids=["5-layers-pp2", "5-layers-pp3", "7-layers-pp4"])
+def test_pipeline_with_uneven_layers(tmp_path, layers, pp):
+    """Layers that do not divide by PP: the first and last stages take the remainder; logits unchanged."""
+    from framework.models.layout import pipeline_split
+    from tests.family_cases import check_parity, save_cases
+
+    first, last = pipeline_split(layers, pp)
+    middle = (layers - (first or 0) - (last or 0)) // (pp - (first is not None) - (last is not None))
+    assert first + (last if last is not None else middle) + middle * (pp - 2) == layers
+    model = tiny_llama(7, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=layers)
+    check_parity(save_cases(tmp_path, {f"llama_{layers}": model}), tp=1, pp=pp)
+
+
 # --- the real SmolLM2-135M-Instruct ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

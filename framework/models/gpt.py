@@ -40,7 +40,12 @@ def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = 
                        params_dtype: torch.dtype = torch.float32, on_gpu: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from framework.models.layout import pipeline_split
+
+    first, last = pipeline_split(model.num_layers, pp)
     return TransformerConfig(
+        num_layers_in_first_pipeline_stage=first,
+        num_layers_in_last_pipeline_stage=last,
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,

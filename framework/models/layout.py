@@ -13,6 +13,19 @@ def divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
+def pipeline_split(num_layers: int, pp: int) -> tuple[int | None, int | None]:
+    """(layers on the first stage, layers on the last stage) when ``pp`` does not divide ``num_layers``;
+    (None, None) when it does. megatron-core can size only the first and last stage differently, so the
+    remainder goes to them (the first gets the odd one) and every middle stage keeps num_layers // pp.
+    The embedding sits on the first stage and the output layer on the last, so they take extra layers."""
+    if pp <= 1 or num_layers % pp == 0:
+        return None, None
+    base, rem = divmod(num_layers, pp)
+    if pp == 2:
+        return base + rem, None  # megatron: with two stages, size one and the other takes the rest
+    return base + (rem + 1) // 2, base + rem // 2
+
+
 def check_layout(model: ModelConfig, tp: int, pp: int, sp: bool = False, world_size: int | None = None) -> None:
     """Raise LayoutError naming the parallel.* key, why, and which sizes would work."""
     problems = []
@@ -30,9 +43,9 @@ def check_layout(model: ModelConfig, tp: int, pp: int, sp: bool = False, world_s
                         f"sizes that work: {ok}")
     elif model.ffn_hidden_size % tp:
         problems.append(f"parallel.tensor={tp} does not divide ffn_hidden_size={model.ffn_hidden_size}")
-    if pp >= 1 and model.num_layers % pp:
-        problems.append(f"parallel.pipeline={pp} does not divide the model's {model.num_layers} layers; "
-                        f"pipeline sizes that work: {divisors(model.num_layers)}")
+    if pp > model.num_layers:
+        problems.append(f"parallel.pipeline={pp} exceeds the model's {model.num_layers} layers (every stage "
+                        f"needs at least one)")
     if sp and tp == 1:
         problems.append("parallel.sequence=true needs parallel.tensor > 1 (sequence parallelism splits along the "
                         "tensor-parallel group)")

@@ -14,7 +14,7 @@ from typing import Callable
 
 from framework.config.errors import ConfigError
 from framework.models.config import ModelConfig
-from framework.models.families import llama
+from framework.models.families import llama, qwen2
 from framework.models.gpt import build_gpt
 
 
@@ -40,6 +40,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "llama": Family.of("llama", llama),
+    "qwen2": Family.of("qwen2", qwen2),
 }
 
 
