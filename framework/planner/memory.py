@@ -1,0 +1,216 @@
+"""Per-GPU memory of a fine-tuning job at a TP x PP x DP layout: an estimate from shapes alone.
+
+For the pipeline stage that needs most (the first holds the embedding and, under 1F1B, ``pp`` micro-batches
+of activations in flight; the last holds the output layer and the logits)::
+
+    weights      stage params / TP x bytes per weight (bf16 2, fp32 4, fp8 2 + 1 for TE's fp8 copies,
+                 QLoRA linears 0.5 + 1/64 x 4 bytes of block constants ~ 0.56, double quantisation ignored)
+    gradients    trainable / TP x 4        (megatron accumulates main grads in fp32)
+    optimizer    trainable / TP x 12 (bf16: fp32 master copy + Adam m, v) or 8 (fp32: m, v);
+                 / DP with the distributed optimizer
+    activations  per layer, saved for backward (bytes a = 2 for bf16/fp8, 4 for fp32; s sequence, b micro
+                 batch, t TP; the first group is divided by t only under sequence parallelism)
+                   none/selective   a s b [4h / (t if SP) + ((n + 2g) d + n d + F + f) / t]
+                   full             a s b h / (t if SP)  (+ one layer's full set, recomputed at a time)
+                 (fused attention keeps no s x s scores, so selective recompute saves nothing more here)
+                 x layers on the stage x micro-batches in flight (first stage: min(pp, micro-batches))
+    logits       last stage: s b V / t x 4 bytes x 2 (fp32 logits and their gradient)
+    overhead     3 GiB: CUDA context, NCCL buffers, allocator fragmentation
+
+A statement about fitting is an estimate: the tests check the parameter counts against built models and
+the arithmetic against the formulas above; the overhead and activation constants are the usual
+Megatron-paper approximations, not measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from framework.models.config import ModelConfig
+from framework.models.layout import pipeline_split
+from framework.planner.params import LORA_TARGETS, count, lora_per_layer
+
+GiB = 2 ** 30
+OVERHEAD = 3 * GiB
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 3.0}
+QLORA_WEIGHT_BYTES = 0.5 + 4 / 64
+ACT_BYTES = {"fp32": 4, "bf16": 2, "fp8": 2}
+RECOMPUTE = ("none", "selective", "full")
+# Planned options: with fused attention, selective recompute keeps the same activations as none (above).
+PLANNED_RECOMPUTE = ("none", "full")
+ADAPTER_METHODS = ("lora", "dora", "qlora")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What the estimate depends on besides the layout."""
+
+    model: ModelConfig
+    method: str = "lora"             # none (full fine-tuning) | lora | dora | qlora | ia3 | adapter | ...
+    lora_rank: int = 16
+    lora_targets: tuple = ("qkv", "proj", "fc1", "fc2")
+    precision: str = "bf16"
+    seq_length: int = 4096
+    micro_batch_size: int = 1
+    global_batch_size: int = 128
+    recompute: str = "none"
+    distributed_optimizer: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    tp: int
+    pp: int
+    dp: int
+    sp: bool
+    recompute: str
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    overhead: float = OVERHEAD
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.overhead
+
+
+def _stage_layers(num_layers: int, pp: int) -> tuple[int, int]:
+    """(layers on the first stage, layers on the last stage)."""
+    first, last = pipeline_split(num_layers, pp)
+    if first is None:
+        return num_layers // pp, num_layers // pp
+    return (first, num_layers - first) if pp == 2 else (first, last)
+
+
+def trainable_per_layer(job: Job) -> int:
+    c = count(job.model)
+    if job.method == "none":
+        return c.per_layer
+    if job.method in ADAPTER_METHODS:
+        extra = 0
+        if job.method == "dora":  # a magnitude per output row of each wrapped linear
+            m = job.model
+            extra = (m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels + 3 * m.hidden_size
+        return lora_per_layer(job.model, job.lora_rank, job.lora_targets) + extra
+    return 4 * job.model.hidden_size  # ia3, adapters, virtual tokens: a few vectors per layer (negligible)
+
+
+def estimate(job: Job, tp: int, pp: int, dp: int, sp: bool | None = None) -> Estimate:
+    """Bytes per GPU on the stage that needs most, for one layout."""
+    m = job.model
+    sp = (tp > 1) if sp is None else sp
+    c = count(m)
+    first, last = _stage_layers(m.num_layers, pp)
+    tr_layer = trainable_per_layer(job)
+    full = job.method == "none"
+
+    def stage(layers: int, is_first: bool, is_last: bool) -> Estimate:
+        params_linear = layers * c.linear_per_layer
+        params_other = layers * (c.per_layer - c.linear_per_layer) + (c.embedding if is_first else 0) \
+            + (c.final if is_last else 0)
+        wb = WEIGHT_BYTES[job.precision]
+        lin_b = QLORA_WEIGHT_BYTES if job.method == "qlora" else wb
+        weights = (params_linear * lin_b + params_other * wb) / tp
+        trainable = layers * tr_layer + (((c.embedding if is_first else 0) + (c.final if is_last else 0)) if full else 0)
+        grads = trainable * 4 / tp
+        opt_bytes = 12 if job.precision != "fp32" else 8
+        optimizer = trainable * opt_bytes / tp / (dp if job.distributed_optimizer else 1)
+        a = ACT_BYTES[job.precision]
+        s, b, h = job.seq_length, job.micro_batch_size, m.hidden_size
+        f = m.ffn_hidden_size
+        F = 2 * f if m.gated_linear_unit else f
+        tp_region = (m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels \
+            + m.num_attention_heads * m.kv_channels + F + f
+        if m.num_experts:
+            tp_region += (F + f) * (m.moe_router_topk - 1)  # each token's activations in k experts
+        one_layer = a * s * b * (4 * h / (tp if sp else 1) + tp_region / tp)
+        per_layer = a * s * b * h / (tp if sp else 1) if job.recompute == "full" else one_layer
+        micro_batches = max(1, job.global_batch_size // (job.micro_batch_size * dp))
+        in_flight = min(pp, micro_batches) if is_first else 1
+        activations = layers * per_layer * in_flight + (one_layer if job.recompute == "full" else 0)
+        logits = s * b * m.vocab_size / tp * 4 * 2 if is_last else 0
+        return Estimate(tp, pp, dp, sp, job.recompute, weights, grads, optimizer, activations, logits)
+
+    stages = [stage(first, True, pp == 1)] + ([stage(last, False, True)] if pp > 1 else [])
+    return max(stages, key=lambda e: e.total)
+
+
+def layouts(model: ModelConfig, gpus: int, gpus_per_node: int = 8) -> list[tuple[int, int, int]]:
+    """(tp, pp, dp) with tp dividing heads/KV heads/vocab/ffn, tp <= a node, pp <= layers, tp*pp*dp = gpus."""
+    from framework.models.layout import LayoutError, check_layout
+
+    out = []
+    for tp in range(1, min(gpus, gpus_per_node) + 1):
+        for pp in range(1, min(gpus // tp, model.num_layers) + 1):
+            if gpus % (tp * pp):
+                continue
+            try:
+                check_layout(model, tp, pp, sp=False, world_size=gpus)
+            except LayoutError:
+                continue
+            out.append((tp, pp, gpus // (tp * pp)))
+    return out
+
+
+def plan(job: Job, gpus: int, gpu_memory_gib: float = 80.0, gpus_per_node: int = 8) -> list[tuple[Estimate, bool]]:
+    """Every layout x recompute option with its estimate and whether it fits, best first: fitting layouts
+    by least model parallelism (more DP is faster), then fewer pipeline stages (no bubble; TP stays inside
+    a node), then less recompute."""
+    rows = []
+    for tp, pp, dp in layouts(job.model, gpus, gpus_per_node):
+        for rc in PLANNED_RECOMPUTE:
+            e = estimate(dataclasses.replace(job, recompute=rc), tp, pp, dp)
+            rows.append((e, e.total <= gpu_memory_gib * GiB))
+    rows.sort(key=lambda r: (not r[1], r[0].tp * r[0].pp, r[0].pp, RECOMPUTE.index(r[0].recompute)))
+    return rows
+
+
+def recommend(job: Job, gpus: int, gpu_memory_gib: float = 80.0, gpus_per_node: int = 8) -> Estimate | None:
+    rows = plan(job, gpus, gpu_memory_gib, gpus_per_node)
+    return rows[0][0] if rows and rows[0][1] else None
+
+
+def job_from_config(cfg, seq: int | None = None) -> Job:
+    """The Job a composed fine-tuning config (conf/finetune.yaml) describes."""
+    from omegaconf import OmegaConf
+
+    from framework.config.validate import model_config
+
+    peft = cfg.peft
+    targets = tuple(peft.get("targets") or LORA_TARGETS)
+    return Job(model=model_config(cfg), method=str(peft.method), lora_rank=int(peft.get("rank") or 16),
+               lora_targets=tuple(t for t in targets if t in LORA_TARGETS),
+               precision=str(OmegaConf.select(cfg, "precision", default="bf16")),
+               seq_length=int(seq or cfg.data.max_length),
+               micro_batch_size=int(cfg.trainer.micro_batch_size),
+               global_batch_size=int(cfg.trainer.global_batch_size),
+               distributed_optimizer=bool(OmegaConf.select(cfg, "trainer.distributed_optimizer", default=True)))
+
+
+def warn_if_unfit(job: Job, tp: int, pp: int, dp: int, sp: bool, gpu_memory_bytes: int, log) -> Estimate:
+    """The job's check before launching: log a warning with the numbers when the layout is predicted not to fit."""
+    e = estimate(job, tp, pp, dp, sp)
+    if e.total > gpu_memory_bytes:
+        log.warning("memory planner: TP=%d PP=%d DP=%d SP=%s needs about %s GiB per GPU (weights %s, gradients %s, "
+                    "optimizer %s, activations %s, logits %s, overhead %s) but the GPU has %s GiB; see "
+                    "python launch/plan.py for layouts that fit", tp, pp, dp, sp, gib(e.total), gib(e.weights),
+                    gib(e.gradients), gib(e.optimizer), gib(e.activations), gib(e.logits), gib(e.overhead),
+                    gib(gpu_memory_bytes))
+    return e
+
+
+def gib(x: float) -> str:
+    return f"{x / GiB:.1f}"
+
+
+def table(rows: list[tuple[Estimate, bool]], limit: int | None = None) -> str:
+    head = f"{'TP':>3}{'PP':>4}{'DP':>4}{'SP':>4} {'recompute':<10}{'weights':>9}{'grads':>8}{'optim':>8}" \
+           f"{'activ':>8}{'logits':>8}{'total GiB':>11}  fits"
+    lines = [head, "-" * len(head)]
+    for e, fits in rows[:limit] if limit else rows:
+        lines.append(f"{e.tp:>3}{e.pp:>4}{e.dp:>4}{'y' if e.sp else 'n':>4} {e.recompute:<10}{gib(e.weights):>9}"
+                     f"{gib(e.gradients):>8}{gib(e.optimizer):>8}{gib(e.activations):>8}{gib(e.logits):>8}"
+                     f"{gib(e.total):>11}  {'yes' if fits else 'NO'}")
+    return "\n".join(lines)
