@@ -112,9 +112,10 @@ def read_tensors(hf_dir) -> dict:
     return out
 
 
-def check_roundtrip(cases, root: Path, auto_class=None, timeout: float = 200) -> None:
+def check_roundtrip(cases, root: Path, auto_class=None, timeout: float = 200, logits=logits_of) -> None:
     """HF -> ours -> HF for every case: same tensor names, dtypes, shapes and bytes; transformers loads the
-    result and gives the original logits exactly."""
+    result and gives the original logits exactly (``logits(model, tokens)``: an encoder-decoder's inputs
+    differ)."""
     if auto_class is None:
         from transformers import AutoModelForCausalLM as auto_class
 
@@ -128,4 +129,4 @@ def check_roundtrip(cases, root: Path, auto_class=None, timeout: float = 200) ->
             assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, (name, k)
             assert torch.equal(a[k], b[k]), (name, k)
         model = auto_class.from_pretrained(back, dtype=torch.float32).eval()
-        assert torch.equal(logits_of(model, tokens), expected), name
+        assert torch.equal(logits(model, tokens), expected), name

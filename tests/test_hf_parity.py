@@ -104,6 +104,36 @@ def test_pipeline_with_uneven_layers(tmp_path, layers, pp):
     check_parity(save_cases(tmp_path, {f"llama_{layers}": model}), tp=1, pp=pp)
 
 
+def _explicit_split_worker(hf_dir, tokens, first, last):
+    from framework.checkpoint.hf_import import load_hf_into_gpt
+    from framework.inference.logits import forward_logits
+    from framework.models.gpt import build_gpt
+    from framework.runtime.distributed import initialize
+
+    initialize(tp=1, pp=2)
+    cfg = hf_llama.config_from_hf(json.loads(open(f"{hf_dir}/config.json").read()))
+    gpt = build_gpt(cfg, pp=2, num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last)
+    load_hf_into_gpt(gpt, hf_dir, cfg)
+    return len(gpt.decoder.layers), forward_logits(gpt.eval(), tokens)
+
+
+@pytest.mark.timeout(200)
+def test_explicit_pipeline_split(tmp_path):
+    """parallel.first_stage_layers=1 on a 5-layer model at PP=2: stages of 1 and 4 layers, logits unchanged."""
+    from framework.models.layout import split_problems
+    from tests.family_cases import save_cases
+
+    model = tiny_llama(8, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=5)
+    (_, hf_dir, tokens, expected), = save_cases(tmp_path, {"llama_5": model})
+    results = run_distributed(_explicit_split_worker, 2, hf_dir, tokens, 1, None, timeout=150)
+    assert [n for n, _ in results] == [1, 4]
+    assert (results[1][1] - expected).abs().max().item() < TOL
+    assert split_problems(5, 2, 1, None) == [] and split_problems(6, 3, 2, 2) == []
+    assert split_problems(6, 4, 2, 2) == []
+    assert "leave 1 of the model's 6 layers for 2 other stage(s)" in split_problems(6, 4, 2, 3)[0]
+    assert "need parallel.pipeline >= 2" in split_problems(6, 1, 2, None)[0]
+
+
 # --- the real SmolLM2-135M-Instruct ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -188,7 +218,8 @@ def test_bad_checkpoint_names_the_tensor(tmp_path):
 
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("key,value,needle", [
-    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling"),
+    ("rope_scaling", {"rope_type": "dynamic", "factor": 8.0}, "rope_scaling"),  # scaling we do not implement
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "low_freq_factor"),  # llama3 without its keys
     ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "rope_parameters"),
     ("attention_bias", True, "attention_bias"),
     ("mlp_bias", True, "mlp_bias"),

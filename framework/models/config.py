@@ -7,7 +7,7 @@ from typing import Optional
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "squared_relu")
-POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+POSITION_EMBEDDINGS = ("rope", "learned_absolute", "relative")
 
 
 @dataclasses.dataclass
@@ -44,9 +44,14 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None      # HF rope_scaling/rope_parameters of a scaled RoPE (llama3, linear)
     sliding_window: Optional[int] = None     # attend to at most this many previous tokens (Mistral)
     parallel_attention_mlp: bool = False     # x + attn(ln(x)) + mlp(ln(x)) in one residual step (Falcon)
+    parallel_attention_mlp_norms: int = 1    # 1: one norm feeds both branches (Falcon-7B); 2: one each (Falcon-40B)
     embedding_multiplier: Optional[float] = None  # scale word embeddings by this (Gemma: sqrt(hidden_size))
     num_experts: int = 0                     # mixture-of-experts MLP with this many experts (0: dense)
     moe_router_topk: int = 2                 # experts per token
+    # -- encoder-decoder (T5) ---------------------------------------------------------------------------
+    num_decoder_layers: Optional[int] = None  # layers of the decoder stack; None: decoder-only (num_layers)
+    relative_attention_num_buckets: int = 32   # position_embedding_type=relative: buckets of the T5 bias
+    relative_attention_max_distance: int = 128  # relative distances >= this share the last bucket
 
     def __post_init__(self):
         if self.num_query_groups is None:
@@ -57,6 +62,23 @@ class ModelConfig:
                               ("position_embedding_type", POSITION_EMBEDDINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        if self.parallel_attention_mlp_norms not in (1, 2):
+            raise ValueError(f"parallel_attention_mlp_norms={self.parallel_attention_mlp_norms!r} must be 1 or 2")
+        from framework.models.rope import normalize_scaling
+
+        self.rope_scaling = normalize_scaling(self.rope_scaling, "rope_scaling")
+        for name in ("sliding_window", "embedding_multiplier"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"{name}={value!r} must be a positive number or null")
+        if isinstance(self.sliding_window, float):
+            raise ValueError(f"sliding_window={self.sliding_window!r} must be a whole number of tokens")
+
+    def layers_of(self, stack: str) -> int:
+        """Layers in a stack: 'decoder' (a GPT's only stack, T5's decoder) or 'encoder' (T5's encoder)."""
+        if stack == "decoder" and self.num_decoder_layers is not None:
+            return self.num_decoder_layers
+        return self.num_layers
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

@@ -7,6 +7,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from framework.models import rope
 from framework.models.config import ModelConfig
 from framework.models.norms import norm_class
 
@@ -20,13 +21,7 @@ def activation(name: str):
 
 
 # What the local layer spec cannot build yet, refused before any weight is touched.
-_NOT_BUILT = {
-    "rope_scaling": "scaled RoPE",
-    "sliding_window": "sliding-window attention",
-    "parallel_attention_mlp": "the parallel attention/MLP block",
-    "embedding_multiplier": "embedding scaling",
-    "num_experts": "mixture-of-experts layers",
-}
+_NOT_BUILT: dict[str, str] = {}
 
 
 def _refuse_unbuilt(model: ModelConfig) -> None:
@@ -37,12 +32,18 @@ def _refuse_unbuilt(model: ModelConfig) -> None:
 
 
 def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
-                       params_dtype: torch.dtype = torch.float32, on_gpu: bool = False):
+                       params_dtype: torch.dtype = torch.float32, on_gpu: bool = False, **settings):
+    """``settings``: further TransformerConfig fields of the job (fp8 recipe, activation recompute:
+    framework/config/precision.py)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from framework.models.layout import pipeline_split
 
-    first, last = pipeline_split(model.num_layers, pp)
+    if "num_layers_in_first_pipeline_stage" in settings or "num_layers_in_last_pipeline_stage" in settings:
+        first = settings.pop("num_layers_in_first_pipeline_stage", None)  # the job's explicit split
+        last = settings.pop("num_layers_in_last_pipeline_stage", None)
+    else:
+        first, last = pipeline_split(model.num_layers, pp)
     return TransformerConfig(
         num_layers_in_first_pipeline_stage=first,
         num_layers_in_last_pipeline_stage=last,
@@ -77,12 +78,37 @@ def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = 
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         calculate_per_token_loss=True,
+        # megatron's (left, right) window: key j is visible to query i when i - left <= j <= i + right;
+        # HF's sliding_window w counts the query itself (j > i - w), hence left = w - 1.
+        window_size=(model.sliding_window - 1, 0) if model.sliding_window else None,
+        **_moe_fields(model),
+        **settings,
     )
 
 
-def layer_spec(config, use_te: bool):
+def _moe_fields(model: ModelConfig) -> dict:
+    """Mixture-of-experts settings of megatron-core's MoE layer (router + SequentialMLP experts).
+
+    Routing as Mixtral: softmax over the router logits, keep the top-k, renormalise them; megatron's
+    default (top-k of the logits, then softmax over those k) is the same function. No auxiliary
+    load-balancing loss and no capacity limit (no token is dropped), as HF Mixtral computes its forward
+    when ``output_router_logits`` is off; experts are not split across ranks (expert parallel size 1),
+    each expert's linears are tensor-parallel like a dense MLP's.
+    """
+    if not model.num_experts:
+        return {}
+    return dict(num_moe_experts=model.num_experts, moe_router_topk=model.moe_router_topk,
+                moe_ffn_hidden_size=model.ffn_hidden_size, moe_router_load_balancing_type="none",
+                moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
+                moe_router_pre_softmax=False, moe_router_score_function="softmax",
+                moe_router_dtype="fp32")
+
+
+def layer_spec(config, use_te: bool, parallel_norms: int = 0):
     """Transformer Engine spec on a GPU with TE; otherwise megatron's local spec with SP-capable norms and
-    fused (SDPA) core attention."""
+    fused (SDPA) core attention. ``parallel_norms`` 1 or 2: Falcon's parallel attention/MLP block with that
+    many norms (framework/models/parallel_block.py); 0: the sequential layer."""
+    from framework.models.parallel_block import parallel_layer_spec
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -90,14 +116,18 @@ def layer_spec(config, use_te: bool):
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
     if use_te:
-        return get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec()
+        return parallel_layer_spec(spec, parallel_norms, use_te=True) if parallel_norms else spec
     from framework.models.attention import SDPAttention
 
-    spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+                                    normalization=config.normalization)
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     norm = ModuleSpec(module=norm_class(config.normalization))
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm
+    if parallel_norms:
+        spec = parallel_layer_spec(spec, parallel_norms, use_te=False)
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=norm)
 
 
@@ -157,9 +187,24 @@ def _gpt_class():
     return PositionRoPEGPTModel
 
 
+def scale_embeddings(embedding, multiplier: float) -> None:
+    """Gemma: the embedding output times ``multiplier`` (sqrt(hidden_size)), on the first stage only, before
+    the first layer. As HF's ``GemmaTextScaledWordEmbedding``, the factor is a float32 tensor cast to the
+    hidden dtype (under bf16, sqrt(3072) = 55.43 becomes 55.5).
+
+    A forward hook on megatron's ``LanguageModelEmbedding`` (output [s, b, h], this rank's sequence slice
+    under SP). Hooks registered later, such as the virtual tokens' (framework/peft/virtual_tokens.py), see
+    the scaled output and insert their prompt embeddings unscaled, as HF PEFT concatenates prompts after the
+    scaled embedding; an embedding LoRA's delta is scaled with the base, as HF PEFT's is.
+    """
+    scale = torch.tensor(multiplier, dtype=torch.float32)
+    embedding.register_forward_hook(lambda module, args, out: out * scale.to(out.device, out.dtype))
+
+
 def build_gpt(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
-              params_dtype: torch.dtype = torch.float32):
-    """Build this rank's pipeline stage of a decoder-only GPTModel. Process groups must exist."""
+              params_dtype: torch.dtype = torch.float32, **settings):
+    """Build this rank's pipeline stage of a decoder-only GPTModel. Process groups must exist.
+    ``settings`` go to the TransformerConfig (fp8, recompute: framework/config/precision.py)."""
     from megatron.core import parallel_state
 
     from framework.runtime import cpu_compat
@@ -167,10 +212,11 @@ def build_gpt(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
     _refuse_unbuilt(model)
     cpu_compat.refresh()
     on_gpu = torch.cuda.is_available()
-    config = transformer_config(model, tp, pp, sp, params_dtype, on_gpu)
+    config = transformer_config(model, tp, pp, sp, params_dtype, on_gpu, **settings)
     gpt = _gpt_class()(
         config=config,
-        transformer_layer_spec=layer_spec(config, use_te=te_available()),
+        transformer_layer_spec=layer_spec(config, use_te=te_available(), parallel_norms=(
+            model.parallel_attention_mlp_norms if model.parallel_attention_mlp else 0)),
         vocab_size=model.vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -181,6 +227,10 @@ def build_gpt(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
         rotary_base=int(model.rotary_base),
         parallel_output=True,
     )
+    if model.position_embedding_type == "rope":
+        rope.install(gpt.rotary_pos_emb, model)
+    if model.embedding_multiplier is not None and gpt.pre_process:
+        scale_embeddings(gpt.embedding, model.embedding_multiplier)
     if on_gpu:
         gpt.cuda(torch.cuda.current_device())
     return gpt

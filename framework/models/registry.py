@@ -14,8 +14,12 @@ from typing import Callable
 
 from framework.config.errors import ConfigError
 from framework.models.config import ModelConfig
-from framework.models.families import llama, qwen2
+from framework.models.families import llama, mixtral, qwen2
+from framework.models.families import gemma, mistral
+from framework.models.families import t5
+from framework.models.families import falcon, gpt2, gpt_bigcode, nemotron, starcoder2
 from framework.models.gpt import build_gpt
+from framework.models.t5 import build_t5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,19 +32,35 @@ class Family:
     weights: tuple
     ignored: tuple
     build: Callable
+    weights_for: Callable[[ModelConfig], tuple] | None = None  # a table that depends on more than tying (T5)
 
     @classmethod
     def of(cls, name: str, module: types.ModuleType, build: Callable = build_gpt) -> "Family":
         return cls(name, module.HF_MODEL_TYPES, module.config_from_hf, module.hf_config, module.hf_shapes,
-                   module.WEIGHTS, module.IGNORED, build)
+                   module.WEIGHTS, module.IGNORED, build, getattr(module, "weights_for", None))
 
-    def rules(self, tied: bool) -> list:
-        return [r for r in self.weights if r.applies(tied)]
+    def rules(self, tied: bool, cfg: ModelConfig | None = None) -> list:
+        """The rules of a (tied or untied) checkpoint; a family with ``weights_for`` needs ``cfg``."""
+        weights = self.weights
+        if self.weights_for is not None:
+            if cfg is None:
+                raise ValueError(f"family {self.name!r} chooses its weight rules by the model config; pass cfg")
+            weights = self.weights_for(cfg)
+        return [r for r in weights if r.applies(tied)]
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family.of("llama", llama),
     "qwen2": Family.of("qwen2", qwen2),
+    "mistral": Family.of("mistral", mistral),
+    "gemma": Family.of("gemma", gemma),
+    "mixtral": Family.of("mixtral", mixtral),
+    "t5": Family.of("t5", t5, build_t5),
+    "gpt2": Family.of("gpt2", gpt2),
+    "gpt_bigcode": Family.of("gpt_bigcode", gpt_bigcode),
+    "starcoder2": Family.of("starcoder2", starcoder2),
+    "nemotron": Family.of("nemotron", nemotron),
+    "falcon": Family.of("falcon", falcon),
 }
 
 

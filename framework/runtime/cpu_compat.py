@@ -23,7 +23,9 @@ Three sites are not reachable through the ``torch`` name (``Tensor.type()`` comp
 ``'torch.cuda.FloatTensor'`` in gradient clipping, the CUDA-generator helpers in
 ``tensor_parallel/random.py``, and ``weight.data.cuda()`` when the last pipeline stage copies tied
 embeddings in ``LanguageModule.setup_embeddings_and_output_layer``); those functions are replaced by
-CPU equivalents, listed in :data:`REPLACED_FUNCTIONS` and :func:`_keep_tied_copy_on_cpu`.
+CPU equivalents, listed in :data:`REPLACED_FUNCTIONS` and :func:`_keep_tied_copy_on_cpu`. The
+distributed optimizer's constructor also compares ``Tensor.type()`` to CUDA names
+(:func:`_distributed_optimizer_on_cpu`).
 
 The linear layers' autograd functions are decorated with ``custom_fwd/custom_bwd(device_type="cuda")``,
 so under CPU autocast (``precision=bf16``) their backward would run without autocast and multiply bf16
@@ -57,6 +59,7 @@ SERVED_MODULES = (
     "megatron.core.transformer.dot_product_attention",
     "megatron.core.transformer.transformer_layer",
     "megatron.core.transformer.transformer_block",
+    "megatron.core.transformer.moe.router",  # moves the router weight to current_device() on first use
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.models.common.embeddings.language_model_embedding",
     "megatron.core.models.gpt.gpt_model",
@@ -310,9 +313,51 @@ def enable() -> None:
             setattr(mod, func, _REPLACEMENTS[func])
     _keep_tied_copy_on_cpu()
     _autocast_linears_on_cpu()
+    _router_gemm_without_te()
+    _distributed_optimizer_on_cpu()
     logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_QuietCpuRngWarning())
     _active = True
     log.debug("cpu_compat enabled for %d megatron modules", len(_megatron_modules()))
+
+
+def _distributed_optimizer_on_cpu() -> None:
+    """megatron's DistributedOptimizer sorts parameters by ``Tensor.type()`` compared to
+    'torch.cuda.FloatTensor' / 'torch.cuda.BFloat16Tensor' while its constructor builds the shards; on CPU
+    the names lack '.cuda' and it raises. During that constructor only, ``type()`` (no arguments) of a CPU
+    tensor answers with the CUDA name of the same dtype."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.__init__
+    if getattr(original, "_cpu_compat", False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        real_type = torch.Tensor.type
+
+        def cuda_named(t, *a, **k):
+            name = real_type(t, *a, **k)
+            if a or k or t.is_cuda:
+                return name
+            _serve("Tensor.type()")
+            return name.replace("torch.", "torch.cuda.", 1)
+
+        torch.Tensor.type = cuda_named
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            torch.Tensor.type = real_type
+
+    __init__._cpu_compat = True
+    DistributedOptimizer.__init__ = __init__
+
+
+def _router_gemm_without_te() -> None:
+    """megatron-core 0.16.1's moe_utils imports ``te_general_gemm`` inside ``try`` and, when Transformer
+    Engine is absent, never binds the name, so the MoE router's ``is not None`` check raises NameError.
+    Binding it to None selects the plain ``torch.mm`` path that module already has."""
+    mod = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if mod is not None and not hasattr(mod, "te_general_gemm"):
+        mod.te_general_gemm = None
 
 
 def refresh() -> None:

@@ -9,8 +9,9 @@ Config (HF ``config.json`` key -> ``ModelConfig`` field)::
     tie_word_embeddings, vocab_size, max_position_embeddings -> same names
 
 transformers 5 writes ``rope_parameters = {rope_theta, rope_type}``; older files write ``rope_theta`` and
-``rope_scaling``. Both are read. What our model does not implement is refused with a ValueError naming
-the key, never silently approximated.
+``rope_scaling``. Both are read, including the scaled RoPE of Llama 3.1+ (``rope_type: llama3``) and
+linear scaling (framework/models/rope.py). What our model does not implement is refused with a ValueError
+naming the key, never silently approximated.
 
 Weights (:data:`WEIGHTS`, transforms in framework/models/weight_table.py): q/k/v fused by query group into
 ``linear_qkv``, gate/up fused per TP rank into ``linear_fc1``, o/down row-parallel, embedding and
@@ -19,6 +20,7 @@ lm_head vocab-parallel, norms replicated. Mistral and Qwen2 reuse this module's 
 
 from __future__ import annotations
 
+from framework.models import rope
 from framework.models.config import ModelConfig
 from framework.models.weight_table import WeightRule
 
@@ -26,17 +28,22 @@ HF_MODEL_TYPES = ("llama",)
 
 
 def rope_params(hf: dict) -> tuple[float, dict | None]:
-    """(rope_theta, scaling) from either config format; scaling is None for unscaled RoPE."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    for key, node in (("rope_parameters", params), ("rope_scaling", scaling)):
-        if node:
-            kind = node.get("rope_type", node.get("type", "default"))
-            if kind not in (None, "default"):
-                raise ValueError(f"config.json: {key}.rope_type={kind!r} (RoPE scaling) is not implemented; "
-                                 f"only unscaled RoPE (rope_type 'default' or rope_scaling null) is supported")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(theta), None
+    """(rope_theta, scaling) from either config format; scaling (framework/models/rope.py) is None for
+    unscaled RoPE. Precedence as transformers 5 reads a config.json: ``rope_scaling`` over
+    ``rope_parameters``, a ``rope_theta`` inside the dict over the top-level one, and for llama3 a top-level
+    ``original_max_position_embeddings`` over the dict's, which defaults to ``max_position_embeddings``."""
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    node = hf.get(key) or {}
+    if not isinstance(node, dict):
+        raise ValueError(f"config.json: {key} must be a mapping (rope_type and its parameters), got {node!r}")
+    node = dict(node)
+    theta = node.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if rope.rope_type(node) == "llama3":
+        if hf.get("original_max_position_embeddings") is not None:
+            node["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+        elif node.get("original_max_position_embeddings") is None:
+            node["original_max_position_embeddings"] = hf.get("max_position_embeddings")
+    return float(theta), rope.normalize_scaling(node, f"config.json: {key}")
 
 
 def require(hf: dict, keys) -> None:
