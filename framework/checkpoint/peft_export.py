@@ -1,7 +1,7 @@
 """Our adapter directory (adapter.safetensors + adapter.yaml, see adapter.py) -> a Hugging Face PEFT directory.
 
-    OUT/adapter_config.json         peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, lora_dropout,
-                                    target_modules, use_rslora, base_model_name_or_path, ...
+    OUT/adapter_config.json         peft_type LORA (LoRA, rsLoRA, DoRA: use_dora) or IA3, task_type CAUSAL_LM,
+                                    r, lora_alpha, lora_dropout, target_modules, use_rslora, ...
     OUT/adapter_model.safetensors   base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, ...
 
 Our adapters are already unsharded with HF module names and PEFT's shapes (A [r, in], B [out, r]) and our
@@ -16,14 +16,15 @@ import json
 import time
 from pathlib import Path
 
-from framework.checkpoint.adapter import (CONFIG_NAME, WEIGHTS_NAME, AdapterError, expected_shapes,
-                                          read_adapter_config)
+from framework.checkpoint.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter_config, shapes_for
 from framework.checkpoint.atomic import atomic_directory
 from framework.models.config import ModelConfig
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+# Families whose HF modules carry Llama's names (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj).
+LLAMA_NAMED_FAMILIES = ("llama", "mistral", "qwen2", "gemma")
 
 
 class PeftExportError(AdapterError):
@@ -31,25 +32,30 @@ class PeftExportError(AdapterError):
 
 
 def peft_config_dict(meta: dict, base_model_name_or_path: str | None) -> dict:
+    """adapter_config.json for our adapter.yaml: LORA (use_dora for DoRA) or IA3."""
+    method = meta.get("method", "lora")
+    common = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+              "target_modules": sorted(meta["target_modules"]), "inference_mode": True, "modules_to_save": None}
+    if method == "ia3":
+        return {"peft_type": "IA3", **common, "feedforward_modules": ["down_proj"] if "fc2" in meta["targets"] else [],
+                "fan_in_fan_out": False, "init_ia3_weights": True}
+    if method not in ("lora", "dora"):
+        raise PeftExportError(f"{method!r} adapters have no Hugging Face PEFT equivalent to export to")
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
+        **common,
         "r": int(meta["rank"]),
         "lora_alpha": float(meta["alpha"]),
         "lora_dropout": float(meta.get("dropout") or 0.0),
-        "target_modules": sorted(meta["target_modules"]),
         "use_rslora": bool(meta.get("rslora", False)),
         "bias": "none",
         "fan_in_fan_out": False,
-        "inference_mode": True,
         "init_lora_weights": True,
-        "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "use_dora": False,
+        "use_dora": method == "dora",
     }
 
 
@@ -68,14 +74,22 @@ def export_peft(adapter_dir, out_dir, base_model_name_or_path: str | None = None
     t0 = time.perf_counter()
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir).absolute()
     meta = read_adapter_config(adapter_dir)
-    for key in ("rank", "alpha", "targets", "target_modules", "model"):
+    if meta["method"] not in ("lora", "dora", "ia3"):
+        raise PeftExportError(f"{adapter_dir}: {meta['method']!r} adapters have no Hugging Face PEFT equivalent "
+                              f"to export to")
+    required = {"ia3": ()}.get(meta["method"], ("rank", "alpha"))
+    for key in (*required, "targets", "target_modules", "model"):
         if key not in meta:
             raise PeftExportError(f"{adapter_dir / CONFIG_NAME} lacks {key!r}")
     try:
         model_cfg = ModelConfig.from_dict(meta["model"])
     except (TypeError, ValueError) as e:
         raise PeftExportError(f"{adapter_dir / CONFIG_NAME}: bad 'model' section: {e}") from None
-    want = expected_shapes(model_cfg, meta["targets"], int(meta["rank"]))
+    if model_cfg.family not in LLAMA_NAMED_FAMILIES:
+        raise PeftExportError(f"{adapter_dir}: a {model_cfg.family} adapter; the HF PEFT export writes Llama module "
+                              f"names (q_proj, ..., down_proj), which only {list(LLAMA_NAMED_FAMILIES)} use. The "
+                              f"adapter itself loads at any layout with framework/checkpoint/adapter.py")
+    want = shapes_for(meta, model_cfg)
     weights = adapter_dir / WEIGHTS_NAME
     if not weights.is_file():
         raise PeftExportError(f"{weights} not found")
@@ -94,8 +108,8 @@ def export_peft(adapter_dir, out_dir, base_model_name_or_path: str | None = None
             for key in keys:
                 name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
                 if name not in want:
-                    raise PeftExportError(f"{weights}: tensor {key!r} is not expected for rank {meta['rank']} "
-                                          f"and targets {meta['targets']} on this model")
+                    raise PeftExportError(f"{weights}: tensor {key!r} is not expected for {meta['method']} "
+                                          f"{meta.get('rank', '')} and targets {meta['targets']} on this model")
                 new = PEFT_PREFIX + name
                 if new in out:
                     raise PeftExportError(f"{weights}: tensor {name!r} appears twice")

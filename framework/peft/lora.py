@@ -1,6 +1,6 @@
-"""LoRA for megatron-core's tensor-parallel linear layers, wrapped in place.
+"""LoRA for megatron-core's tensor-parallel linear layers and the vocab-parallel embedding, wrapped in place.
 
-    y = W x + s * B A dropout(x),   s = alpha / r   (rsLoRA: s = alpha / sqrt(r))
+    y = W x + s * B A dropout(x),   s = alpha / r   (rsLoRA: s = alpha / sqrt(r), HF PEFT's ``use_rslora``)
 
 W is the frozen base weight; A (r x in) starts kaiming-uniform, B (out x r) starts at zero, so a freshly
 wrapped layer computes exactly what its base computed.
@@ -8,7 +8,7 @@ wrapped layer computes exactly what its base computed.
 Under tensor parallelism the big side of each factor is sharded like the base and the small side is
 replicated, so the LoRA branch only ever communicates r-wide activations (DESIGN.md section 5):
 
-Column-parallel base (input x full on every rank, output sharded; fused QKV, fc1)::
+Column-parallel base (input x full on every rank, output sharded; fused QKV, fc1, the output layer)::
 
     A (r x in)       whole on every rank
     B (out/TP x r)   sharded like the base output (partition dim 0)
@@ -25,15 +25,29 @@ Row-parallel base (input sharded on the hidden dim; proj, fc2)::
     SP:                          reduce-scatter-to-sequence-parallel-region (u for the local sequence slice)
     y_lora = s * B u
 
+Vocab-parallel embedding (rows of the table sharded over the vocabulary), HF PEFT's ``Embedding`` LoRA::
+
+    A (r x V/TP)     ``lora_embedding_A``, sharded like the table (partition dim 1); starts at zero
+    B (h x r)        ``lora_embedding_B``, whole on every rank; starts normal(0, 1) (as HF PEFT)
+    u = A[:, token]  for tokens in this rank's vocabulary range, 0 elsewhere; summed over TP like the base
+                     embedding (all-reduce r-wide, or reduce-scatter along the sequence under SP)
+    y_lora = s * B u
+
+The output layer is a column-parallel base like fc1 (its output is the vocab-parallel logits); with tied
+embeddings it owns no weight and LoRA still works (the merge is refused, it would change the embedding).
+
 A replicated factor whose gradient is only partial on each rank (A of a column base under SP: each rank
-saw its own tokens; B of a row base under SP, likewise) carries ``param.sequence_parallel = True``, so
-megatron's ``finalize_model_grads`` all-reduces its gradient over TP as it does for norm weights. Sharded
-factors carry ``tensor_model_parallel / partition_dim / partition_stride`` so the grad norm counts them on
-every rank, while replicated ones are counted on TP rank 0 only. Nothing requires TP to divide r.
+saw its own tokens; B of a row base or of the embedding under SP, likewise) carries
+``param.sequence_parallel = True``, so megatron's ``finalize_model_grads`` all-reduces its gradient over TP
+as it does for norm weights. Sharded factors carry ``tensor_model_parallel / partition_dim /
+partition_stride``. Nothing requires TP to divide r.
+
+Merging (framework/peft/merge.py) adds ``s B A`` to this rank's shard of W (each factor's local shard gives
+exactly the local block of B A, no communication) and subtracts it again to unmerge.
 
 The wrapper keeps the base's state-dict keys (``...linear_qkv.weight`` stays that key; the factors add
-``...linear_qkv.lora_A.weight`` / ``lora_B.weight``), and its ``sharded_state_dict`` delegates to the base,
-so megatron dist_checkpointing of base weights is the same with or without LoRA.
+``...linear_qkv.lora_A.weight`` / ``lora_B.weight``); see framework/peft/wrapping.py for its sharded state
+dict.
 """
 
 from __future__ import annotations
@@ -45,49 +59,90 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: target name -> (submodule of a TransformerLayer, attribute), for megatron's GPT layer.
-TARGETS = {
-    "qkv": ("self_attention", "linear_qkv"),
-    "proj": ("self_attention", "linear_proj"),
-    "fc1": ("mlp", "linear_fc1"),
-    "fc2": ("mlp", "linear_fc2"),
-}
+from framework.peft.wrapping import (LAYER_TARGETS, MODEL_TARGETS, Piece, PeftWrapper, init_seed, mark,
+                                     param_like, seeded_generator, trainable_parameters, unwrap, wrap_targets)
+from framework.peft.wrapping import check_targets as _check_targets
+
+#: every LoRA target, in canonical order (the order also seeds A's initialisation: do not reorder)
+TARGETS = {**LAYER_TARGETS, **MODEL_TARGETS}
+_DESCRIBE = ("qkv: fused q/k/v projection, proj: attention output, fc1: gate/up, fc2: down, "
+             "embedding: token embedding, output: output layer / lm_head")
+
+__all__ = ["TARGETS", "LoRALinear", "LoRAEmbedding", "apply_lora", "lora_modules", "check_targets",
+           "trainable_parameters", "unwrap"]
 
 
-def _parallel_mode(base: nn.Module) -> str:
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    if isinstance(base, ColumnParallelLinear):
-        return "column"
-    if isinstance(base, RowParallelLinear):
-        return "row"
-    raise TypeError(
-        f"LoRA wraps megatron-core's ColumnParallelLinear or RowParallelLinear, got {type(base).__name__}. "
-        f"Transformer Engine layers (e.g. TELayerNormColumnParallelLinear, which fuses the input norm) are "
-        f"not supported yet: build the model with the local layer spec.")
+def check_targets(targets, valid=TARGETS, method: str = "LoRA") -> tuple[str, ...]:
+    return _check_targets(targets, valid, method, _DESCRIBE)
 
 
-def _mark(param: nn.Parameter, sharded_dim: int | None, partial_grad: bool) -> None:
-    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """HF PEFT's scaling: alpha / r, or alpha / sqrt(r) with ``use_rslora``."""
+    return float(alpha) / (math.sqrt(rank) if rslora else rank)
 
-    set_tensor_model_parallel_attributes(param, sharded_dim is not None,
-                                         -1 if sharded_dim is None else sharded_dim, 1)
-    if partial_grad:
-        param.sequence_parallel = True
+
+def _check_hparams(rank, dropout) -> None:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
 
 
 class _Factor(nn.Module):
     """One LoRA factor, kept as a module so its key is ``lora_A.weight`` / ``lora_B.weight`` as in HF PEFT."""
 
-    def __init__(self, shape: tuple[int, int], like: torch.Tensor):
+    def __init__(self, shape: tuple[int, int], base: nn.Module):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(shape, device=like.device, dtype=like.dtype))
+        self.weight = param_like(base, shape)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}"
 
 
-class LoRALinear(nn.Module):
+class _LoRAWrapper(PeftWrapper):
+    """What LoRA on a linear layer and on the embedding share: hyper-parameters, and merging
+    ``delta_weight()`` (this rank's block of s B A in the base weight's layout) into the base weight."""
+
+    method = "lora"
+    TARGET_ORDER = tuple(TARGETS)
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, rslora: bool):
+        _check_hparams(rank, dropout)
+        super().__init__(base)
+        self.rank, self.alpha, self.dropout_p, self.rslora = rank, float(alpha), float(dropout), bool(rslora)
+        self.scaling = lora_scaling(alpha, rank, rslora)
+
+    def settings(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout_p, "rslora": self.rslora}
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge_refusal(self) -> str | None:
+        return None
+
+    def _merged_weight(self) -> torch.Tensor:
+        reason = self.merge_refusal()
+        if reason:
+            raise ValueError(reason)
+        return self.base_layer.weight
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self._check_mergeable(True)
+        w = self._merged_weight()
+        w.add_(self.delta_weight().to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        self._check_mergeable(False)
+        w = self._merged_weight()
+        w.sub_(self.delta_weight().to(w.dtype))
+        self.merged = False
+
+
+class LoRALinear(_LoRAWrapper):
     """A megatron Column/RowParallelLinear plus a low-rank update; same forward signature and return.
 
     Args:
@@ -101,67 +156,46 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  init_seed: int | None = None):
-        super().__init__()
-        from megatron.core.parallel_state import get_tensor_model_parallel_group
-
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-        mode = _parallel_mode(base)
-        if getattr(base, "weight", None) is None:
-            raise ValueError("LoRA needs a base layer that owns its weight (skip_weight_param_allocation=False)")
+        super().__init__(base, rank, alpha, dropout, rslora)
+        mode = self.parallel_mode
+        if mode == "vocab":
+            raise TypeError("LoRALinear wraps linear layers; use LoRAEmbedding for the embedding")
         if getattr(base, "explicit_expert_comm", False):
             raise ValueError("LoRA on expert-parallel (MoE) linear layers is not supported")
         if mode == "row" and not base.input_is_parallel:
             raise ValueError("LoRA on a RowParallelLinear needs input_is_parallel=True")
 
-        self.base_layer = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.parallel_mode = mode
-        self.rank, self.alpha, self.dropout_p, self.rslora = rank, float(alpha), float(dropout), bool(rslora)
-        self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
-        self.tp_group = getattr(base, "tp_group", None) or get_tensor_model_parallel_group()
-        self.tp_size, self.tp_rank = self.tp_group.size(), self.tp_group.rank()
         self.sequence_parallel = bool(base.sequence_parallel) and self.tp_size > 1
-        # Set by apply_lora: which target this is, its global 1-based layer number, and (fc1) that the
-        # output rows are megatron's per-rank cat(gate_r, up_r).
-        self.target: str | None = None
-        self.layer_number: int | None = None
+        # Set by apply_lora: (fc1) the output rows are megatron's per-rank cat(gate_r, up_r).
         self.glu_fused = False
 
-        weight = base.weight
-        out_local, in_local = weight.shape
-        in_full = in_local * self.tp_size if mode == "row" else in_local
-        self.in_features, self.out_features = in_full, (out_local * self.tp_size if mode == "column" else out_local)
-        a_shape = (rank, in_local)
-        b_shape = (out_local, rank)
-        self.lora_A = _Factor(a_shape, weight)
-        self.lora_B = _Factor(b_shape, weight)
+        if mode == "column":
+            in_local, out_local = base.input_size, base.output_size_per_partition
+            self.in_features, self.out_features = in_local, out_local * self.tp_size
+        else:
+            in_local, out_local = base.input_size_per_partition, base.output_size
+            self.in_features, self.out_features = in_local * self.tp_size, out_local
+        self.lora_A = _Factor((rank, in_local), base)
+        self.lora_B = _Factor((out_local, rank), base)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Replicated input (column base without SP): every TP rank must draw the same mask -> default RNG.
         # Sharded input (row base: hidden shards; column under SP: sequence shards) -> per-rank TP stream.
         self._dropout_in_tp_stream = mode == "row" or self.sequence_parallel
 
         if mode == "column":
-            _mark(self.lora_A.weight, None, partial_grad=self.sequence_parallel)
-            _mark(self.lora_B.weight, 0, partial_grad=False)
+            mark(self.lora_A.weight, None, partial_grad=self.sequence_parallel)
+            mark(self.lora_B.weight, 0, partial_grad=False)
         else:
-            _mark(self.lora_A.weight, 1, partial_grad=False)
-            _mark(self.lora_B.weight, None, partial_grad=self.sequence_parallel)
+            mark(self.lora_A.weight, 1, partial_grad=False)
+            mark(self.lora_B.weight, None, partial_grad=self.sequence_parallel)
         self.reset_parameters(torch.initial_seed() if init_seed is None else init_seed)
-
-        self.register_state_dict_post_hook(LoRALinear._drop_base_prefix)
-        self.register_load_state_dict_pre_hook(LoRALinear._add_base_prefix)
 
     # -- initialisation ---------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, init_seed: int) -> None:
         """A ~ kaiming-uniform(a=sqrt(5)) on the full (r x in) shape, then this rank's slice; B = 0."""
-        gen = torch.Generator(device="cpu").manual_seed(int(init_seed) % (2 ** 63))
         full = torch.empty(self.rank, self.in_features, dtype=torch.float32)
-        nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
+        nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=seeded_generator(init_seed))
         if self.parallel_mode == "row":
             full = full.chunk(self.tp_size, dim=1)[self.tp_rank]
         self.lora_A.weight.copy_(full)
@@ -178,13 +212,14 @@ class LoRALinear(nn.Module):
                 return self.lora_dropout(x)
         return self.lora_dropout(x)
 
-    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The LoRA branch alone, laid out like the base's output (before any gather_output)."""
+    def lora_branch(self, x_dropped: torch.Tensor) -> torch.Tensor:
+        """s * B A x for an input that already went through the LoRA dropout, laid out like the base's
+        output (before any gather_output)."""
         from megatron.core.tensor_parallel.mappings import (
             copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
             reduce_from_tensor_model_parallel_region, reduce_scatter_to_sequence_parallel_region)
 
-        u = F.linear(self._dropped(x), self.lora_A.weight) * self.scaling  # [s(/TP), b, r]
+        u = F.linear(x_dropped, self.lora_A.weight) * self.scaling  # [s(/TP), b, r]
         g = self.tp_group
         if self.parallel_mode == "column":
             if self.sequence_parallel:
@@ -198,128 +233,178 @@ class LoRALinear(nn.Module):
                 u = reduce_from_tensor_model_parallel_region(u, group=g)
         return F.linear(u, self.lora_B.weight)
 
+    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The LoRA branch alone (dropout included), laid out like the base's output."""
+        return self.lora_branch(self._dropped(x))
+
+    def _gather_output(self, kwargs) -> bool:
+        if self.parallel_mode != "column":
+            return False
+        gather = kwargs.get("runtime_gather_output")
+        return self.base_layer.gather_output if gather is None else bool(gather)
+
     def forward(self, input_: torch.Tensor, *args, **kwargs):
         output, bias = self.base_layer(input_, *args, **kwargs)
+        if self.merged:
+            return output, bias
         lora = self.lora_forward(input_)
-        if self.parallel_mode == "column":
-            gather = kwargs.get("runtime_gather_output")
-            if gather is None:
-                gather = self.base_layer.gather_output
-            if gather:
-                from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+        if self._gather_output(kwargs):
+            from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-                lora = gather_from_tensor_model_parallel_region(lora, group=self.tp_group)
+            lora = gather_from_tensor_model_parallel_region(lora, group=self.tp_group)
         return output + lora.to(output.dtype), bias
 
-    # -- megatron / torch plumbing ----------------------------------------------------------------
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)  # config, weight, sequence_parallel, backward_dw, ...
+    # -- merging ----------------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A for this rank's shard: exactly the local block of the full update, in W's layout."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
-    @staticmethod
-    def _drop_base_prefix(module, state_dict, prefix, local_metadata):
-        inner = prefix + "base_layer."
-        for key in [k for k in state_dict if k.startswith(inner)]:
-            state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+    def merge_refusal(self) -> str | None:
+        if self.base_layer.weight is None:
+            return (f"{self.where()}: the output layer shares the embedding's weight (tie_word_embeddings); "
+                    f"merging into it would change the embedding too")
+        return None
 
-    @staticmethod
-    def _add_base_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                         error_msgs):
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            rest = key[len(prefix):]
-            if not rest.startswith(("lora_A.", "lora_B.", "base_layer.")):
-                state_dict[prefix + "base_layer." + rest] = state_dict.pop(key)
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """Base keys unchanged; lora_A/lora_B sharded like the factors (fc1's B split as gate/up)."""
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
-        sd = self.base_layer.sharded_state_dict(prefix, sharded_offsets, metadata)
-        factors = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
-        axis = {"lora_B.weight": 0} if self.parallel_mode == "column" else {"lora_A.weight": 1}
-        lora_sd = make_sharded_tensors_for_checkpoint(
-            factors, prefix, axis, sharded_offsets, tp_group=self.tp_group,
-            dp_cp_group=(metadata or {}).get("dp_cp_group"))
-        if self.glu_fused:
-            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-
-            key = f"{prefix}lora_B.weight"
-            lora_sd[key] = apply_swiglu_sharded_factory(
-                lora_sd[key], sharded_offsets, (metadata or {}).get("singleton_local_shards", False))
-        sd.update(lora_sd)
-        return sd
+    # -- what gets saved --------------------------------------------------------------------------
+    def pieces(self) -> list[Piece]:
+        return [Piece("lora_A.weight", "lora_A.weight", "in", 1), Piece("lora_B.weight", "lora_B.weight", "out", 0)]
 
     def extra_repr(self) -> str:
         return (f"{self.parallel_mode}-parallel, rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
                 f"dropout={self.dropout_p:g}, tp={self.tp_size}, sp={self.sequence_parallel}")
 
 
+class LoRAEmbedding(_LoRAWrapper):
+    """megatron's VocabParallelEmbedding plus HF PEFT's embedding LoRA (see the module docstring).
+
+    ``dropout`` is recorded but not applied, as in HF PEFT (token ids cannot be dropped out).
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 init_seed: int | None = None):
+        super().__init__(base, rank, alpha, dropout, rslora)
+        if self.parallel_mode != "vocab":
+            raise TypeError(f"LoRAEmbedding wraps a VocabParallelEmbedding, got {type(base).__name__}")
+        self.reduce_scatter = bool(base.reduce_scatter_embeddings)
+        vocab_local, hidden = base.weight.shape
+        self.num_embeddings = vocab_local * self.tp_size
+        self.lora_embedding_A = param_like(base, (rank, vocab_local))
+        self.lora_embedding_B = param_like(base, (hidden, rank))
+        mark(self.lora_embedding_A, 1, partial_grad=False)
+        mark(self.lora_embedding_B, None, partial_grad=self.reduce_scatter and self.tp_size > 1)
+        self.reset_parameters(torch.initial_seed() if init_seed is None else init_seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, init_seed: int) -> None:
+        """HF PEFT's embedding init: A = 0, B ~ normal(0, 1) (drawn whole, the same on every TP rank)."""
+        self.lora_embedding_A.zero_()
+        self.lora_embedding_B.copy_(torch.randn(self.lora_embedding_B.shape, generator=seeded_generator(init_seed)))
+
+    def lora_forward(self, input_: torch.Tensor) -> torch.Tensor:
+        """s * B A[:, tokens], laid out like the base embedding's output ([b, s, h], or [s/TP, b, h] when
+        the base reduce-scatters along the sequence)."""
+        from megatron.core.tensor_parallel.mappings import (reduce_from_tensor_model_parallel_region,
+                                                            reduce_scatter_to_sequence_parallel_region)
+
+        base = self.base_layer
+        if self.tp_size > 1:
+            outside = (input_ < base.vocab_start_index) | (input_ >= base.vocab_end_index)
+            local = (input_ - base.vocab_start_index).masked_fill(outside, 0)
+        else:
+            outside, local = None, input_
+        u = F.embedding(local, self.lora_embedding_A.t())  # [b, s, r]
+        if outside is not None:
+            u = u.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.reduce_scatter:
+            u = reduce_scatter_to_sequence_parallel_region(u.transpose(0, 1).contiguous(), group=self.tp_group)
+        else:
+            u = reduce_from_tensor_model_parallel_region(u, group=self.tp_group)
+        return F.linear(u * self.scaling, self.lora_embedding_B)
+
+    def forward(self, input_: torch.Tensor):
+        output = self.base_layer(input_)
+        if self.merged:
+            return output
+        return output + self.lora_forward(input_).to(output.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s (B A)^T for this rank's rows of the table: [V/TP, h]."""
+        return self.scaling * (self.lora_embedding_B @ self.lora_embedding_A).t()
+
+    def pieces(self) -> list[Piece]:
+        return [Piece("lora_embedding_A", "lora_embedding_A", "in", 1),
+                Piece("lora_embedding_B", "lora_embedding_B", "out", 0)]
+
+    def extra_repr(self) -> str:
+        return (f"vocab-parallel, rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
+                f"tp={self.tp_size}, reduce_scatter={self.reduce_scatter}")
+
+
 # -- applying to a model ------------------------------------------------------------------------------
-def unwrap(model: nn.Module) -> nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers (anything with a ``.module``)."""
-    m = model
-    while not hasattr(m, "decoder") and hasattr(m, "module"):
-        m = m.module
-    if not hasattr(m, "decoder"):
-        raise TypeError(f"expected a megatron GPTModel (with .decoder), got {type(model).__name__}")
-    return m
+def lora_modules(model: nn.Module) -> Iterator[tuple[int | None, str, nn.Module]]:
+    """(global 1-based layer number or None for embedding/output, target, module) for every LoRA (and
+    DoRA) module of this stage."""
+    from framework.peft.wrapping import peft_modules
 
-
-def lora_modules(model: nn.Module) -> Iterator[tuple[int, str, LoRALinear]]:
-    """(global 1-based layer number, target name, module) for every LoRA layer of this stage."""
-    for layer in unwrap(model).decoder.layers:
-        for target, (sub, attr) in TARGETS.items():
-            mod = getattr(getattr(layer, sub, None), attr, None)
-            if isinstance(mod, LoRALinear):
-                yield layer.layer_number, target, mod
-
-
-def check_targets(targets) -> tuple[str, ...]:
-    if isinstance(targets, str):
-        targets = (targets,)
-    targets = tuple(targets)
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown or not targets:
-        raise ValueError(f"unknown LoRA target(s) {unknown or targets!r}; valid targets are {list(TARGETS)} "
-                         f"(qkv: fused q/k/v projection, proj: attention output, fc1: gate/up, fc2: down)")
-    if len(set(targets)) != len(targets):
-        raise ValueError(f"LoRA targets repeat a name: {list(targets)}")
-    return targets
+    for mod in peft_modules(model):
+        if isinstance(mod, (LoRALinear, LoRAEmbedding)):
+            yield mod.layer_number, mod.target, mod
 
 
 def apply_lora(model: nn.Module, targets=("qkv", "proj", "fc1", "fc2"), rank: int = 8, alpha: float = 16,
-               dropout: float = 0.0, rslora: bool = False, seed: int | None = None) -> list[str]:
-    """Freeze every parameter of this stage and wrap the chosen linears of every transformer layer.
+               dropout: float = 0.0, rslora: bool = False, seed: int | None = None, linear_cls=None) -> list[str]:
+    """Freeze every parameter of this stage and wrap the chosen modules (see TARGETS) in place.
 
     ``seed`` (default ``torch.initial_seed()``, the run's seed) is mixed with the global layer number and
-    the target, so A's initialisation is the same at any TP/PP layout. Returns the wrapped module names.
+    the target, so A's initialisation is the same at any TP/PP layout. ``linear_cls`` replaces
+    LoRALinear for linear targets (DoRA). Returns the wrapped module names of this stage.
     """
     targets = check_targets(targets)
+    linear_cls = linear_cls or LoRALinear
     gpt = unwrap(model)
     base_seed = torch.initial_seed() if seed is None else int(seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    names = []
-    for idx, layer in enumerate(gpt.decoder.layers):
-        for t in targets:
-            sub, attr = TARGETS[t]
-            parent = getattr(layer, sub)
-            base = getattr(parent, attr)
-            if isinstance(base, LoRALinear):
-                raise ValueError(f"decoder.layers.{idx}.{sub}.{attr} already has LoRA")
-            init_seed = (base_seed * 1_000_003 + layer.layer_number * 1_009 + list(TARGETS).index(t)) % (2 ** 63)
-            wrapped = LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init_seed=init_seed)
-            wrapped.target, wrapped.layer_number = t, layer.layer_number
-            wrapped.glu_fused = t == "fc1" and bool(getattr(gpt.config, "gated_linear_unit", False))
-            setattr(parent, attr, wrapped)
-            names.append(f"decoder.layers.{idx}.{sub}.{attr}")
-    return names
+    glu = bool(getattr(gpt.config, "gated_linear_unit", False))
+
+    def make(base, target, layer_number):
+        s = init_seed(base_seed, layer_number, list(TARGETS).index(target))
+        cls = LoRAEmbedding if target == "embedding" else linear_cls
+        wrapped = cls(base, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init_seed=s)
+        wrapped.glu_fused = target == "fc1" and glu
+        return wrapped
+
+    return wrap_targets(model, targets, make)
 
 
-def trainable_parameters(model: nn.Module) -> int:
-    """Number of trainable elements on this rank (this stage, this rank's shards)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+# -- the job's configuration ----------------------------------------------------------------------------
+def config_problems_for(peft, valid_targets, method: str) -> list[str]:
+    """What is wrong with a LoRA-style ``peft`` config section (rank, alpha, dropout, rslora, targets)."""
+    problems = []
+    rank = peft.get("rank")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        problems.append(f"peft.rank={rank!r}: expected a positive integer")
+    alpha = peft.get("alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+        problems.append(f"peft.alpha={alpha!r}: expected a positive number")
+    dropout = peft.get("dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        problems.append(f"peft.dropout={dropout!r}: expected a number in [0, 1)")
+    if not isinstance(peft.get("rslora", False), bool):
+        problems.append(f"peft.rslora={peft.get('rslora')!r}: expected true or false")
+    problems += targets_problems(peft, valid_targets, method)
+    return problems
+
+
+def targets_problems(peft, valid_targets, method: str) -> list[str]:
+    targets = peft.get("targets")
+    if isinstance(targets, str) or not hasattr(targets, "__iter__"):
+        return [f"peft.targets={targets!r}: expected a list of {method} targets from {list(valid_targets)}"]
+    try:
+        _check_targets(list(targets), valid_targets, method)
+    except ValueError as e:
+        return [f"peft.targets: {e}"]
+    return []
+
+
+def config_problems(cfg, model_cfg) -> list[str]:
+    """Checks of ``cfg.peft`` for LoRA, before any process group starts."""
+    return config_problems_for(cfg.peft, TARGETS, "LoRA")

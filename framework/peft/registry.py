@@ -25,6 +25,18 @@ class Method:
     save: Callable
     load: Callable
     trains_base: bool = False  # True: every base weight is trained (full SFT); the saved artefact is a checkpoint
+    check: Callable | None = None  # check(cfg, model_cfg) -> list of problems with cfg.peft (before any process starts)
+
+
+def _lazy(module: str, name: str) -> Callable:
+    """``module.name``, imported on first call (the registry itself stays import-light)."""
+    def call(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
 
 
 def _apply_lora(model, peft_cfg, model_cfg):
@@ -32,6 +44,14 @@ def _apply_lora(model, peft_cfg, model_cfg):
 
     apply_lora(model, targets=tuple(peft_cfg.targets), rank=int(peft_cfg.rank), alpha=float(peft_cfg.alpha),
                dropout=float(peft_cfg.dropout), rslora=bool(peft_cfg.get("rslora", False)))
+
+
+def _apply_qlora(model, peft_cfg, model_cfg):
+    from framework.peft.qlora import apply_qlora
+
+    apply_qlora(model, targets=tuple(peft_cfg.targets), rank=int(peft_cfg.rank), alpha=float(peft_cfg.alpha),
+                dropout=float(peft_cfg.dropout), rslora=bool(peft_cfg.get("rslora", False)),
+                block_size=int(peft_cfg.block_size), scaler_block_size=int(peft_cfg.scaler_block_size))
 
 
 def _save_adapter(model, directory, peft_cfg, model_cfg, base=None):
@@ -67,8 +87,21 @@ def _load_full(model, directory, model_cfg):
 
 
 METHODS: dict[str, Method] = {
-    "lora": Method("lora", _apply_lora, _save_adapter, _load_adapter),
+    "lora": Method("lora", _apply_lora, _save_adapter, _load_adapter,
+                   check=_lazy("framework.peft.lora", "config_problems")),
+    # DoRA, IA3 and Houlsby adapters wrap layers like LoRA and save through the same unsharded adapter files.
+    **{name: Method(name, _lazy(f"framework.peft.{module}", "apply_from_config"), _save_adapter, _load_adapter,
+                    check=_lazy(f"framework.peft.{module}", "config_problems"))
+       for name, module in (("dora", "dora"), ("ia3", "ia3"), ("adapter", "adapters"))},
     "none": Method("none", _apply_none, _save_full, _load_full, trains_base=True),
+    # QLoRA adapters are LoRA adapters (same factors and files); only the base is stored as NF4.
+    "qlora": Method("qlora", _apply_qlora, _save_adapter, _load_adapter,
+                    check=_lazy("framework.peft.qlora", "config_problems")),
+    "prompt_tuning": Method("prompt_tuning", *(_lazy("framework.peft.prompt_tuning", f)
+                                               for f in ("apply_from_config", "save", "load")),
+                            check=_lazy("framework.peft.prompt_tuning", "config_problems")),
+    "ptuning": Method("ptuning", *(_lazy("framework.peft.p_tuning", f) for f in ("apply_from_config", "save", "load")),
+                      check=_lazy("framework.peft.p_tuning", "config_problems")),
 }
 
 
@@ -81,10 +114,33 @@ def get_method(name: str) -> Method:
         raise ConfigError(f"peft.method={name!r} is not one of {sorted(METHODS)}") from None
 
 
+def config_problems(cfg, model_cfg) -> list[str]:
+    """The method's own checks of ``cfg.peft`` (empty for an unknown method: that is reported elsewhere)."""
+    method = METHODS.get(cfg.peft.method)
+    return list(method.check(cfg, model_cfg)) if method is not None and method.check is not None else []
+
+
 def apply_peft(model, peft_cfg, model_cfg) -> Method:
     method = get_method(peft_cfg.method)
     method.apply(model, peft_cfg, model_cfg)
+    if not method.trains_base:
+        _grads_through_recomputed_layers(model)
     return method
+
+
+def _grads_through_recomputed_layers(model) -> None:
+    """With full activation recomputation megatron runs each layer under a reentrant checkpoint, which only
+    back-propagates when one of its inputs requires grad. With a frozen base the embedding output does
+    not, so the adapters inside the layers would silently get no gradient (as HF's
+    ``enable_input_require_grads`` handles for gradient checkpointing): mark that output as requiring grad."""
+    from framework.peft.wrapping import unwrap
+
+    gpt = unwrap(model)
+    config = getattr(gpt, "config", None)
+    embedding = getattr(gpt, "embedding", None)
+    if getattr(config, "recompute_granularity", None) != "full" or embedding is None:
+        return
+    embedding.register_forward_hook(lambda _module, _inputs, output: output.requires_grad_(True))
 
 
 def save_trained(model, directory: str | Path, peft_cfg, model_cfg, base: dict | None = None) -> Path:
