@@ -1,16 +1,20 @@
 """Check and tokenise the data of a run without training: python launch/prepare_data.py [KEY=VALUE ...]
 
-Reads the same configuration as launch/finetune.py (conf/finetune.yaml), tokenises data.train and
-data.validation with the model's tokenizer exactly as training will, and prints what happened to every
-sample (kept / truncated / dropped by reason, tokens). On the first invalid record it prints one line,
-`error: FILE:LINE: message`, and exits with status 2.
+Reads the same configuration as launch/finetune.py (conf/finetune.yaml), tokenises data.train,
+data.validation (or holds out data.validation_split of data.train, by seed) and data.test with the model's
+tokenizer exactly as training will, and prints what happened to every sample (kept / truncated / dropped
+by reason, held out, tokens). The tokenised files go into the data cache (data.cache_dir; null: none), so a
+later training run with the same files, tokenizer and options maps them instead of tokenising again.
+On the first invalid record it prints one line, `error: FILE:LINE: message`, and exits with status 2.
 
 Examples:
   python launch/prepare_data.py                                             # the bundled HumanEval files
   python launch/prepare_data.py data.train=my.jsonl data.validation=null data.max_length=1024
   python launch/prepare_data.py model=tiny_llama model.tokenizer=DIR data.truncation_side=right
+  python launch/prepare_data.py data.validation=null data.validation_split=0.05 data.test=test.jsonl
 
-Keys used: data.train, data.validation, data.max_length, data.truncation_side=left|right, data.format,
+Keys used: data.train, data.validation, data.validation_split, data.test, data.max_length,
+data.truncation_side=left|right, data.format, data.loss_on, data.chat_template, data.cache_dir, seed,
 and model.* to find the tokenizer.
 """
 
@@ -39,7 +43,7 @@ def _main(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> None:
     from framework.data.errors import DataError
-    from framework.data.prepare import check_options, prepare_config
+    from framework.data.prepare import cache_dir, check_files, check_options, prepare_config
     from framework.data.report import format_reports
     from framework.data.tokenizer import Tokenizer
     from framework.models import hub
@@ -48,6 +52,7 @@ def run(cfg: DictConfig) -> None:
     data_format = data.get("format", "prompt_completion")
     try:  # a bad option rather than a bad file: the message names the key, the same one-line treatment
         check_options(data.max_length, data.truncation_side, data_format, data.get("loss_on", "assistant"))
+        check_files(data, require_validation=False)  # checking one file needs no validation source
         tok_dir = hub.tokenizer_dir(cfg.model)
     except DataError:
         raise
@@ -55,10 +60,11 @@ def run(cfg: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     tokenizer = Tokenizer.from_dir(tok_dir)
-    _, reports = prepare_config(data, tokenizer)
+    prepared = prepare_config(data, tokenizer, seed=int(cfg.seed))
     print(f"tokenizer: {tokenizer}")
     print(f"format: {data_format}, max_length: {data.max_length}, truncation_side: {data.truncation_side}")
-    print(format_reports(reports), flush=True)
+    print(f"data cache: {cache_dir(data) or 'off (data.cache_dir=null)'}")
+    print(format_reports(prepared.reports), flush=True)
 
 
 def main():

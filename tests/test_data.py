@@ -369,3 +369,104 @@ def test_prepare_data_script(tiny_tokenizer_dir, tmp_path):
     ok = _prepare_data(*model, "data.max_length=4096")
     assert ok.returncode == 0, ok.stderr
     assert "data/humaneval/train.jsonl" in ok.stdout and "data/humaneval/val.jsonl" in ok.stdout
+
+
+# --- validation split, test file, the data keys --------------------------------------------------------------
+
+
+def test_holdout_split_is_seeded_disjoint_and_complete():
+    import numpy as np
+
+    from framework.data.views import holdout_split
+
+    for n, fraction in [(2, 0.05), (3, 0.9), (147, 0.05), (1000, 0.1)]:
+        train, val = holdout_split(n, fraction, seed=3)
+        assert sorted(train.tolist() + val.tolist()) == list(range(n))
+        assert len(val) == min(max(1, round(fraction * n)), n - 1) and len(train) >= 1
+        assert val.tolist() == sorted(np.random.default_rng(3).permutation(n)[:len(val)].tolist())
+        assert holdout_split(n, fraction, seed=3)[1].tolist() == val.tolist()  # deterministic
+    assert holdout_split(1000, 0.1, 3)[1].tolist() != holdout_split(1000, 0.1, 4)[1].tolist()
+
+
+def _data_node(**kw):
+    from omegaconf import OmegaConf
+
+    base = {"train": str(ROOT / "data/humaneval/train.jsonl"), "validation": None, "validation_split": 0.05,
+            "test": str(ROOT / "data/humaneval/val.jsonl"), "max_length": 4096, "truncation_side": "left",
+            "cache_dir": None}
+    return OmegaConf.create({**base, **kw})
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "cached"])
+def test_validation_split_and_test_file(tok, tmp_path, cached):
+    """5% of the training file's samples go to validation, chosen by the seed, none lost or duplicated and
+    counted in the report; the test file is prepared and reported after them."""
+    import numpy as np
+
+    from framework.data.prepare import prepare_config
+
+    data = _data_node(cache_dir=str(tmp_path) if cached else None)
+    (everything, test), (train_report, test_report) = prepare([data.train, data.test], tok, 4096)
+    d = prepare_config(data, tok, seed=11)
+    held = sorted(np.random.default_rng(11).permutation(147)[:7].tolist())
+    assert (len(d.train), len(d.validation)) == (140, 7)
+    assert list(d.validation) == [everything[i] for i in held]
+    assert list(d.train) == [s for i, s in enumerate(everything) if i not in held]
+    assert list(d.test) == test
+    train_r, split_r, test_r = d.reports
+    assert (train_r.kept, train_r.held_out) == (147, 7)
+    assert (split_r.read, split_r.kept) == (7, 7) and split_r.tokens == sum(len(s) for s in d.validation)
+    assert split_r.target_tokens == sum(s.num_targets for s in d.validation)
+    assert test_r == test_report
+    table = format_reports(d.reports)
+    assert "7 of the 147 kept samples held out of training for validation (data.validation_split=0.05, seed=11)" in table
+    assert f"{data.train} [validation_split=0.05]" in table and str(data.test) in table
+    assert list(prepare_config(data, tok, seed=12).validation) != list(d.validation)
+    assert len(prepare_config(_data_node(validation_split=0.5, test=None), tok, seed=11).reports) == 2
+
+
+def test_validation_split_needs_two_samples(tok, tmp_path):
+    from framework.data.prepare import prepare_config
+
+    one = write(tmp_path / "one.jsonl", jl(GOOD))
+    with pytest.raises(DataError, match=r"one\.jsonl: data\.validation_split=0\.05: only 1 sample kept"):
+        prepare_config(_data_node(train=str(one)), tok)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.validation_split=0.05"], "data.validation='data/humaneval/val.jsonl' and data.validation_split=0.05 "
+                                     "are both set: give exactly one"),
+    (["data.validation=null"], "data.validation and data.validation_split are both unset: give exactly one"),
+    (["data.validation=null", "data.validation_split=0"], "data.validation_split=0: expected a fraction"),
+    (["data.validation=null", "data.validation_split=1.5"], "data.validation_split=1.5: expected a fraction"),
+    (["data.validation=null", "data.validation_split=true"], "data.validation_split=True: expected a fraction"),
+    (["data.test=[a,b]"], "data.test=['a', 'b']: expected a path"),
+])
+def test_validation_keys_are_checked_before_the_job(overrides, message):
+    from framework.config.errors import ConfigError
+    from framework.config.validate import validate
+    from tests.test_finetune_job import compose
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose(["model=tiny_llama", *overrides]), 1)
+    assert message in str(e.value)
+    validate(compose(["model=tiny_llama", "data.validation=null", "data.validation_split=0.05",
+                      "data.test=data/humaneval/val.jsonl"]), 1)  # the fixed configuration passes
+
+
+def test_prepare_data_script_split_test_and_cache(tiny_tokenizer_dir, tmp_path):
+    """The new keys through the launcher: the split and the test file in the table, the files written to
+    the cache (and mapped, with the same table, on a second run); both validation keys is a one-line error."""
+    model = ["model=tiny_llama", f"model.tokenizer={tiny_tokenizer_dir}", "data.max_length=4096"]
+    keys = ["data.validation=null", "data.validation_split=0.1", "data.test=data/humaneval/val.jsonl",
+            f"data.cache_dir={tmp_path}"]
+    first, second = _prepare_data(*model, *keys), _prepare_data(*model, *keys)
+    assert first.returncode == 0, first.stderr
+    assert "15 of the 147 kept samples held out of training for validation" in first.stdout
+    assert "data/humaneval/train.jsonl [validation_split=0.1]" in first.stdout
+    assert "data/humaneval/val.jsonl" in first.stdout and f"data cache: {tmp_path}" in first.stdout
+    assert second.stdout == first.stdout
+    assert len([p for p in tmp_path.iterdir() if (p / "manifest.json").is_file()]) == 2  # train, test
+    both = _prepare_data(*model, "data.validation_split=0.1")
+    assert both.returncode == 2 and both.stderr.count("\n") == 1 and "Traceback" not in both.stderr
+    assert "data.validation='data/humaneval/val.jsonl' and data.validation_split=0.1 are both set" in both.stderr

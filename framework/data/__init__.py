@@ -10,6 +10,9 @@
 - ``sample``: ``Sample(input_ids, loss_mask)``
 - ``report``: ``FileReport`` counts (kept / truncated / dropped by reason, tokens) and its table
 - ``prepare``: ``prepare(paths, tokenizer, max_length, truncation_side, data_format, loss_on)`` and
-  ``prepare_config(data_cfg, tokenizer)``, shared by training and ``launch/prepare_data.py``
+  ``prepare_config(data_cfg, tokenizer, seed)`` (train, validation file or split, test), shared by training
+  and ``launch/prepare_data.py``
+- ``cache``: the tokenise-once cache, memory-mapped ``CachedSamples`` keyed by data, tokenizer and options
+- ``views``: ``Subset`` / ``Padded`` sequences over samples and the seeded validation ``holdout_split``
 - ``batching``: ``collate``, ``BatchOrder``, ``micro_batches``
 """

@@ -12,7 +12,8 @@ cross entropy needs every label to be a valid id, and the mask already removes t
 
 Order. ``BatchOrder`` reads a fresh seeded permutation of all samples each epoch and cuts it into global
 batches; a batch that reaches the end of an epoch continues into the next one, so every sample is seen
-exactly once per epoch and none is skipped. Its position ``(epoch, position)`` is its whole state.
+exactly once per epoch and none is skipped. Its position ``(epoch, position)`` is its whole state
+(``state_dict`` adds a digest of the epoch's order, checked on ``load_state_dict``).
 
 Packing. With ``data.packing`` several samples share a row: ``collate_packed`` (framework/data/packing.py,
 re-exported here) and the batch semantics documented there.
@@ -104,18 +105,32 @@ class BatchOrder:
         return batch
 
     def state_dict(self) -> dict:
+        """The position, plus a SHA-256 of the current epoch's permutation: the order is regenerated from
+        (seed, epoch) on load, and the digest proves it is the same order (a different torch could
+        generate another one; resuming would then silently train on other batches)."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "num_samples": self.num_samples, "global_batch_size": self.global_batch_size}
+                "num_samples": self.num_samples, "global_batch_size": self.global_batch_size,
+                "permutation_sha256": _digest(self.permutation(self.epoch))}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position; refuse a state from a different data set or seed."""
+        """Continue from a saved position; refuse a state from a different data set, seed or order."""
         for key in ("seed", "num_samples"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"BatchOrder: saved {key}={state[key]} but this run has {key}={getattr(self, key)}; "
                                  "the data order cannot be resumed")
         if not 0 <= state["position"] < self.num_samples or state["epoch"] < 0:
             raise ValueError(f"BatchOrder: invalid saved position {state['epoch']}:{state['position']}")
-        self.epoch, self.position, self._perm = int(state["epoch"]), int(state["position"]), None
+        perm = self.permutation(int(state["epoch"]))
+        if "permutation_sha256" in state and _digest(perm) != state["permutation_sha256"]:
+            raise ValueError(f"BatchOrder: the sample order of epoch {state['epoch']} regenerated here differs from "
+                             "the saved one (another torch version?); the data order cannot be resumed exactly")
+        self.epoch, self.position, self._perm = int(state["epoch"]), int(state["position"]), perm
+
+
+def _digest(permutation: list[int]) -> str:
+    import hashlib
+
+    return hashlib.sha256(",".join(map(str, permutation)).encode()).hexdigest()
 
 
 def micro_batches(indices: list[int], dp_rank: int, dp_size: int, micro_batch_size: int) -> list[list[int]]:

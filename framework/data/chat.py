@@ -57,6 +57,7 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Iterator
 
 from framework.data.chat_template import ChatTemplateError, render, special_tokens
 from framework.data.errors import DataError
@@ -319,9 +320,15 @@ class ChatEncoder:
 def tokenize_messages(path: str | os.PathLike, tokenizer, max_length: int, truncation_side: str = "left",
                       loss_on: str = "assistant", chat_template=None) -> tuple[list[Sample], FileReport]:
     """Read, validate and tokenise a whole ``messages`` file; return the kept samples and the file's report."""
-    encoder = ChatEncoder(tokenizer, chat_template, loss_on)
     report = FileReport(path=os.fspath(path), max_length=max_length)
-    samples: list[Sample] = []
+    samples = list(iter_messages(path, tokenizer, max_length, truncation_side, report, loss_on, chat_template))
+    return samples, report
+
+
+def iter_messages(path: str | os.PathLike, tokenizer, max_length: int, truncation_side: str, report: FileReport,
+                  loss_on: str = "assistant", chat_template=None) -> Iterator[Sample]:
+    """Yield the kept samples of a ``messages`` file one at a time, counting every sample in ``report``."""
+    encoder = ChatEncoder(tokenizer, chat_template, loss_on)
     for line, obj in read_jsonl(path):
         messages, tools = parse_record(path, line, obj)
         if loss_on != "all" and not any(m["role"] == "assistant" for m in messages):
@@ -334,6 +341,5 @@ def tokenize_messages(path: str | os.PathLike, tokenizer, max_length: int, trunc
         if sample is None:
             report.add_dropped(line, reason)
             continue
-        samples.append(sample)
         report.add_kept(line, len(sample), sample.num_targets, cut)
-    return samples, report
+        yield sample

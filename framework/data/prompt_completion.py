@@ -26,6 +26,7 @@ counted in the ``FileReport``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from framework.data.errors import DataError
 from framework.data.jsonl import read_jsonl, type_name
@@ -69,19 +70,24 @@ def read_prompt_completion(path: str | os.PathLike):
         yield line, obj["prompt"], obj["completion"]
 
 
-def tokenize_prompt_completion(path: str | os.PathLike, tokenizer, max_length: int,
-                               truncation_side: str = "left") -> tuple[list[Sample], FileReport]:
-    """Read, validate and tokenise a whole file; return the kept samples and the file's report."""
+def iter_prompt_completion(path: str | os.PathLike, tokenizer, max_length: int, truncation_side: str,
+                           report: FileReport) -> Iterator[Sample]:
+    """Yield the kept samples of a file one at a time, counting every sample in ``report`` (so a file
+    larger than memory can stream into the tokenise-once cache)."""
     if truncation_side not in TRUNCATION_SIDES:
         raise ValueError(f"data.truncation_side: expected one of {TRUNCATION_SIDES}, got {truncation_side!r}")
-    report = FileReport(path=os.fspath(path), max_length=max_length)
-    samples: list[Sample] = []
     for line, prompt, completion in read_prompt_completion(path):
         sample, cut = build_sample(tokenizer.encode(prompt), tokenizer.encode(completion), tokenizer.bos_id,
                                    tokenizer.eos_id, max_length, truncation_side)
         if sample is None:
             report.add_dropped(line, COMPLETION_TOO_LONG)
             continue
-        samples.append(sample)
         report.add_kept(line, len(sample), sample.num_targets, cut)
-    return samples, report
+        yield sample
+
+
+def tokenize_prompt_completion(path: str | os.PathLike, tokenizer, max_length: int,
+                               truncation_side: str = "left") -> tuple[list[Sample], FileReport]:
+    """Read, validate and tokenise a whole file; return the kept samples and the file's report."""
+    report = FileReport(path=os.fspath(path), max_length=max_length)
+    return list(iter_prompt_completion(path, tokenizer, max_length, truncation_side, report)), report

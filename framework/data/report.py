@@ -2,7 +2,11 @@
 
 Invariant: ``read == kept + sum(dropped.values())``; truncated samples are among the kept ones. Nothing
 is lost without being counted here, and the first few line numbers of each kind are kept so a user can
-look at the offending samples.
+look at the offending samples. ``held_out`` counts kept samples that a validation split
+(``data.validation_split``) took out of training; they are among the kept ones too.
+
+A report is stored with the tokenise-once cache (``to_dict`` / ``from_dict``, without its path), so a cache
+hit reports exactly what the first tokenisation found.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ class FileReport:
     dropped: Counter = dataclasses.field(default_factory=Counter)
     dropped_lines: dict = dataclasses.field(default_factory=dict)
     truncated_lines: list = dataclasses.field(default_factory=list)
+    held_out: int = 0        # kept samples moved to the validation split (data.validation_split)
+    held_out_note: str = ""  # how they were chosen, for the table
 
     def add_kept(self, line: int, num_tokens: int, num_targets: int, prompt_tokens_cut: int = 0) -> None:
         self.read += 1
@@ -48,6 +54,17 @@ class FileReport:
     @property
     def dropped_total(self) -> int:
         return sum(self.dropped.values())
+
+    def to_dict(self) -> dict:
+        """JSON-ready counts, without ``path`` (a cached report is valid for the same bytes at any path)."""
+        d = dataclasses.asdict(self)
+        del d["path"]
+        d["dropped"] = dict(self.dropped)
+        return d
+
+    @classmethod
+    def from_dict(cls, path: str, d: dict) -> "FileReport":
+        return cls(path=path, **{**d, "dropped": Counter(d["dropped"])})
 
     def format(self) -> str:
         """A small table: one row for this file plus lines explaining truncations and drops."""
@@ -76,4 +93,7 @@ def format_reports(reports: list[FileReport]) -> str:
                        f"({r.prompt_tokens_cut} prompt tokens cut; {_lines(r.truncated_lines, r.truncated)})")
         for reason, n in sorted(r.dropped.items()):
             out.append(f"  {r.path}: {n} dropped, {reason} ({_lines(r.dropped_lines[reason], n)})")
+        if r.held_out:
+            out.append(f"  {r.path}: {r.held_out} of the {r.kept} kept samples held out of training for "
+                       f"validation ({r.held_out_note})")
     return "\n".join(out)

@@ -18,6 +18,7 @@ model needs at least); a model may pad it further for tensor-parallel divisibili
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -170,6 +171,20 @@ class Tokenizer:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
                 f"pad={self.pad_token or self.eos_token!r}, "
                 f"source={str(self.source_dir) if self.source_dir else None})")
+
+    def fingerprint(self) -> str:
+        """SHA-256 of everything that decides this tokenizer's ids: the bytes of its source files (or its
+        serialisation when built in memory), its special tokens and chat template; a cache key part."""
+        h = hashlib.sha256()
+        if self.source_dir is not None:
+            for name in _FILES:
+                if (self.source_dir / name).is_file():
+                    h.update(f"{name}\0{(self.source_dir / name).stat().st_size}\0".encode())
+                    h.update((self.source_dir / name).read_bytes())
+        else:
+            h.update(self._tok.to_str().encode())
+        h.update(json.dumps([self.bos_token, self.eos_token, self.pad_token, self.chat_template]).encode())
+        return h.hexdigest()
 
     # --- persistence --------------------------------------------------------------------------------
 
