@@ -32,6 +32,13 @@ class RunResult:
     adapter_dir: str | None
     completion_before: str | None = None
     completion_after: str | None = None
+    test_loss: float | None = None  # mean loss per target token over all of data.test, after training
+    status: str = "completed"        # completed | stopped_early | paused (trainer.steps_per_run reached)
+    total_steps: int | None = None   # the run's length (trainer.max_steps / max_epochs)
+    best_step: int | None = None     # the step of the best validation loss (its checkpoint is kept)
+    best_val_loss: float | None = None
+    best_checkpoint: str | None = None
+    resumed_from: str | None = None  # the checkpoint this invocation continued from
 
 
 def prepare_inputs(cfg: DictConfig, world_size: int):
@@ -44,9 +51,23 @@ def prepare_inputs(cfg: DictConfig, world_size: int):
     model_cfg = validate(cfg, world_size)
     if cfg.model.source != "random":
         hub.model_config_for(cfg.model)  # converts the bundled model once; checks model.arch against config.json
+    _check_memory_plan(cfg, world_size)
     tokenizer = Tokenizer.from_dir(hub.tokenizer_dir(cfg.model))
-    samples, reports = prepare_config(cfg.data, tokenizer)
-    return model_cfg, tokenizer, samples[0], samples[1], reports
+    data = prepare_config(cfg.data, tokenizer, seed=int(cfg.seed))  # train, validation (file or split), test
+    return model_cfg, tokenizer, data.train, data.validation, data.reports
+
+
+def _check_memory_plan(cfg: DictConfig, world_size: int) -> None:
+    """On a GPU, warn before any process group starts when the memory planner predicts the layout will
+    not fit (framework/planner/memory.py); on the CPU there is no device limit to check."""
+    if not torch.cuda.is_available():
+        return
+    from framework.planner.memory import job_from_config, warn_if_unfit
+
+    par = cfg.parallel
+    tp, pp = int(par.tensor), int(par.pipeline)
+    warn_if_unfit(job_from_config(cfg), tp, pp, max(1, world_size // (tp * pp)), bool(par.sequence),
+                  torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, log)
 
 
 def build_model(cfg: DictConfig, model_cfg, rt):
@@ -54,9 +75,17 @@ def build_model(cfg: DictConfig, model_cfg, rt):
     from framework.models import hub
     from framework.models.registry import get_family
 
-    dtype = torch.bfloat16 if cfg.precision == "bf16" and rt.device.type == "cuda" else torch.float32
-    model = get_family(model_cfg.family).build(model_cfg, rt.tp, rt.pp, rt.sp, params_dtype=dtype)
-    if cfg.model.source != "random":
+    from framework.config.precision import transformer_settings
+
+    on_gpu = rt.device.type == "cuda"
+    dtype = torch.bfloat16 if cfg.precision in ("bf16", "fp8") and on_gpu else torch.float32
+    model = get_family(model_cfg.family).build(model_cfg, rt.tp, rt.pp, rt.sp, params_dtype=dtype,
+                                               **transformer_settings(cfg))
+    if cfg.model.source == "ckpt":  # our format: dist_checkpointing reshards to this layout
+        from framework.checkpoint.ckpt_format import load_checkpoint_into
+
+        load_checkpoint_into(model, hub.model_dir(cfg.model), model_cfg)
+    elif cfg.model.source != "random":
         from framework.checkpoint.hf_import import load_hf_into_gpt
 
         load_hf_into_gpt(model, hub.model_dir(cfg.model), model_cfg)
@@ -86,15 +115,21 @@ def run(cfg: DictConfig) -> RunResult:
     from framework.data.batching import BatchOrder
     from framework.runtime import distributed as rtd
     from framework.runtime.progress import progress
+    from framework.training.checkpointing import BEST, TRAIN_STATE_DIR, Checkpoints
+    from framework.training.early_stopping import EarlyStopping
     from framework.training.optim import build_optimizer, wrap_ddp
     from framework.training.step import train_step
     from framework.training.summary import summary_table
+    from framework.training.tracking import Tracker, format_memory, memory_gib
+    from framework.training.train_state import LoopState, save_train_state
 
     world = rtd.world_size_from_env()
     model_cfg, tokenizer, train_set, val_set, reports = prepare_inputs(cfg, world)
     par = cfg.parallel
     rt = rtd.initialize(tp=int(par.tensor), pp=int(par.pipeline), sp=bool(par.sequence), seed=int(cfg.seed))
     out = Path(cfg.output_dir)
+    ckpts = Checkpoints(out / "checkpoints")
+    resume_from = _resume_point(cfg, ckpts, rt)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
@@ -102,64 +137,215 @@ def run(cfg: DictConfig) -> RunResult:
             log.info("data report\n%s", r.format())
 
     model = build_model(cfg, model_cfg, rt)
-    model = wrap_ddp(model)
-    optimizer, scheduler = build_optimizer(model, cfg.trainer, cfg.precision)
-    trainable, total = count_parameters(model)
-    log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-
+    model = wrap_ddp(model, bool(cfg.trainer.get("distributed_optimizer", False)))  # shard Adam over DP
     tr = cfg.trainer
     gbs = int(tr.global_batch_size)
-    validate_now = _validator(cfg, model, tokenizer, val_set, rt)
-
-    # LoRA B starts at zero, so before training the model *is* the base model: this is "without adapter".
-    completion_before = _complete(cfg, model, tokenizer, val_set, rt)
-    val_before = validate_now()
-    log.info("validation loss before training: %.4f", val_before)
-
     # With data.packing the order runs over bins (rows of several samples), not samples: a global batch is
     # global_batch_size bins; see framework/data/packing.py for the semantics.
     bins = _pack_training_set(cfg, train_set, rt)
     order = BatchOrder(len(train_set) if bins is None else len(bins), gbs, seed=int(cfg.seed))
-    losses, tokens, t0, eval_time = [], 0, time.perf_counter(), 0.0
-    bar = progress(total=int(tr.max_steps), desc="fine-tuning", enabled=rt.is_main)
-    for step in range(1, int(tr.max_steps) + 1):
+    total_steps = _total_steps(tr, order)
+    optimizer, scheduler = build_optimizer(model, tr, cfg.precision, total_steps=total_steps)
+    trainable, total = count_parameters(model)
+    log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    validate_now = _validator(cfg, model, tokenizer, val_set, rt)
+    stop = tr.get("early_stopping") or {}
+    stopper = EarlyStopping(patience=None if stop.get("patience") is None else int(stop.patience),
+                            min_delta=float(stop.get("min_delta") or 0.0))
+
+    if resume_from is not None:
+        loop = _restore(cfg, resume_from, model, optimizer, scheduler, order, stopper, model_cfg, total_steps, rt)
+        if loop.finished and (out / "summary.json").is_file():
+            log.warning("the run in %s already finished at step %d (%s); nothing to do. To train again, use "
+                        "another output_dir or trainer.resume=never", out, loop.step,
+                        "stopped early" if stopper.should_stop else "all steps done")
+            return _result_from_summary(out / "summary.json")
+    else:
+        # LoRA B starts at zero, so before training the model *is* the base model: this is "without adapter".
+        loop = LoopState(total_steps=total_steps, completion_before=_complete(cfg, model, tokenizer, val_set, rt),
+                         val_before=validate_now())
+        log.info("validation loss before training: %.4f", loop.val_before)
+    tracker = Tracker(cfg, out, rt.is_main, first_step=loop.step + 1, wandb_run_id=loop.wandb_run_id)
+    loop.wandb_run_id = tracker.wandb_run_id
+    if loop.step == 0:
+        tracker.scalars(0, {"val/loss": loop.val_before})
+
+    def save_checkpoint(best: bool) -> None:
+        def write(directory: Path) -> None:
+            _save_trained(cfg, model, _trained_dir(cfg, directory), model_cfg)
+            save_train_state(directory / TRAIN_STATE_DIR, model=model, optimizer=optimizer, scheduler=scheduler,
+                             order=order, stopper=stopper, loop=loop, cfg=cfg, rt=rt)
+
+        path = ckpts.save(loop.step, write, best=best, keep_last=tr.get("keep_last"))
+        log.info("step %d checkpoint %s%s", loop.step, path, " (best validation loss so far)" if best else "")
+
+    # Each step: train, log, validate every eval_interval steps and after the last, then checkpoint every
+    # save_interval steps, at a new best validation loss, and when this invocation ends.
+    save_interval, steps_per_run = tr.get("save_interval"), tr.get("steps_per_run")
+    first_step, paused = loop.step, False
+    tokens_before, seconds_before = loop.tokens, loop.train_seconds
+    tokens, t0, not_training = 0, time.perf_counter(), 0.0  # not_training: validation and checkpoint seconds
+    bar = progress(total=total_steps - loop.step, desc="fine-tuning", enabled=rt.is_main)
+    while not loop.finished and not paused:
+        step = loop.step + 1
         indices = next(order)
         res = train_step(model, optimizer, scheduler, _batches(indices, train_set, cfg, tokenizer, rt, bins),
                          cfg.precision)
         samples = indices if bins is None else [i for b in indices for i in bins[b]]
         tokens += sum(len(train_set[i].input_ids) - 1 for i in samples)
-        losses.append(res.loss)
+        loop.step, loop.tokens = step, tokens_before + tokens
+        loop.losses.append(res.loss)
+        loop.train_seconds = seconds_before + time.perf_counter() - t0 - not_training
+        tokens_per_s = tokens / (time.perf_counter() - t0 - not_training)  # this invocation's throughput
+        memory = memory_gib(rt.device)
         bar.update(1, loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}")
         if step % int(tr.log_interval) == 0:
-            log.info("step %d/%d loss %.4f lr %.3e grad_norm %s tokens/s %.0f", step, tr.max_steps, res.loss,
-                     res.lr, "n/a" if res.grad_norm is None else f"{res.grad_norm:.3f}",
-                     tokens / (time.perf_counter() - t0 - eval_time))
-        if step % int(tr.eval_interval) == 0 and step != int(tr.max_steps):
+            log.info("step %d/%d loss %.4f lr %.3e grad_norm %s tokens/s %.0f memory %s", step, total_steps, res.loss,
+                     res.lr, "n/a" if res.grad_norm is None else f"{res.grad_norm:.3f}", tokens_per_s,
+                     format_memory(memory))
+        tracker.scalars(step, {"train/loss": res.loss, "train/lr": res.lr, "train/grad_norm": res.grad_norm,
+                               "train/tokens_per_s": tokens_per_s, "train/memory_gib": max(memory.values())})
+        improved = False
+        if step % int(tr.eval_interval) == 0 or step == total_steps:
             t_eval = time.perf_counter()
-            log.info("step %d validation loss %.4f", step, validate_now())
-            eval_time += time.perf_counter() - t_eval
+            val = validate_now()
+            not_training += time.perf_counter() - t_eval
+            improved = stopper.update(step, val)
+            loop.validations.append([step, val])
+            log.info("step %d validation loss %.4f%s", step, val, " (best)" if improved else "")
+            tracker.scalars(step, {"val/loss": val})
+        loop.finished = step == total_steps or stopper.should_stop
+        paused = not loop.finished and steps_per_run is not None and step - first_step >= int(steps_per_run)
+        if improved or loop.finished or paused or (save_interval is not None and step % int(save_interval) == 0):
+            t_save = time.perf_counter()
+            save_checkpoint(best=improved)
+            not_training += time.perf_counter() - t_save
     bar.close()
-    elapsed = time.perf_counter() - t0 - eval_time  # training throughput: validation time excluded
-    val_after = validate_now()
-    log.info("validation loss after training: %.4f", val_after)
+    tracker.close()
+    if stopper.should_stop:
+        log.info("early stopping at step %d: validation loss has not improved by %g for %d validations; best %.4f "
+                 "at step %d", loop.step, stopper.min_delta, stopper.patience, stopper.best_loss, stopper.best_step)
+    val_after = loop.validations[-1][1] if loop.validations else None
+    test_loss = adapter_dir = completion_after = None
+    if paused:
+        log.info("paused at step %d of %d (trainer.steps_per_run=%s); run the same command again to continue",
+                 loop.step, total_steps, steps_per_run)
+    else:
+        log.info("validation loss after training: %.4f", val_after)
+        test_loss = _evaluate_test(cfg, model, tokenizer, rt)
+        # PEFT methods write a small adapter directory; full fine-tuning (peft.method=none) writes weights/.
+        adapter_dir = _trained_dir(cfg, out)
+        _save_trained(cfg, model, adapter_dir, model_cfg)
+        completion_after = _complete(cfg, model, tokenizer, val_set, rt)
 
-    from framework.peft.registry import get_method, save_trained
-
-    # PEFT methods write a small adapter directory; full fine-tuning (peft.method=none) writes weights/.
-    adapter_dir = out / "weights" if get_method(cfg.peft.method).trains_base else out / "adapters" / cfg.adapter_name
-    save_trained(model.module, adapter_dir, cfg.peft, model_cfg,
-                 base={"name": cfg.model.name, "source": cfg.model.source})
-    completion_after = _complete(cfg, model, tokenizer, val_set, rt)
-
-    result = RunResult(steps=int(tr.max_steps), val_loss_before=val_before, val_loss_after=val_after,
-                       train_losses=losses, tokens_per_s=tokens / elapsed, trainable_params=trainable,
-                       total_params=total, output_dir=str(out), adapter_dir=str(adapter_dir) if adapter_dir else None,
-                       completion_before=completion_before, completion_after=completion_after)
+    best = ckpts.pointer(BEST)
+    result = RunResult(steps=loop.step, val_loss_before=loop.val_before, val_loss_after=val_after,
+                       train_losses=loop.losses, tokens_per_s=loop.tokens / max(loop.train_seconds, 1e-9),
+                       trainable_params=trainable, total_params=total, output_dir=str(out),
+                       adapter_dir=str(adapter_dir) if adapter_dir else None,
+                       completion_before=loop.completion_before, completion_after=completion_after,
+                       test_loss=test_loss,
+                       status="paused" if paused else "stopped_early" if stopper.should_stop else "completed",
+                       total_steps=total_steps, best_step=stopper.best_step,
+                       best_val_loss=None if stopper.best_step is None else stopper.best_loss,
+                       best_checkpoint=str(best) if best else None,
+                       resumed_from=str(resume_from) if resume_from else None)
     if rt.is_main:
         summary = dataclasses.asdict(result) | {"layout": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp, "sp": rt.sp}}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if not paused:
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(summary_table(result, rt), flush=True)
     return result
+
+def _total_steps(tr, order) -> int:
+    """The run's length: trainer.max_steps, or the steps that show every sample trainer.max_epochs times
+    (rounded up), whichever is smaller; with data.packing an epoch is a pass over the bins."""
+    bounds = [] if tr.get("max_steps") is None else [int(tr.max_steps)]
+    if tr.get("max_epochs") is not None:
+        bounds.append(math.ceil(float(tr.max_epochs) * order.steps_per_epoch))
+    return max(1, min(bounds))
+
+
+def _trained_dir(cfg, root: Path) -> Path:
+    """Where what the PEFT method trains lives under ``root``: adapters/NAME, or weights/ for full fine-tuning."""
+    from framework.peft.registry import get_method
+
+    return root / "weights" if get_method(cfg.peft.method).trains_base else root / "adapters" / cfg.adapter_name
+
+
+def _save_trained(cfg, model, directory: Path, model_cfg) -> None:
+    from framework.peft.registry import save_trained
+
+    save_trained(model.module, directory, cfg.peft, model_cfg, base={"name": cfg.model.name, "source": cfg.model.source})
+
+
+def _resume_point(cfg, ckpts, rt):
+    """The checkpoint this run continues from (None: a fresh start), per trainer.resume. All ranks decide
+    from the same files; then global rank 0 removes what an interrupted save left behind, and, for
+    trainer.resume=never, the checkpoints of an earlier run in the same output_dir."""
+    import torch.distributed as dist
+
+    from framework.config.errors import ConfigError
+    from framework.training.checkpointing import TRAIN_STATE_DIR
+    from framework.training.train_state import read_state
+
+    resume = cfg.trainer.get("resume", "auto")
+    point = ckpts.resume_point(resume)
+    existing = ckpts.complete()
+    if point is not None and resume != "auto" and point.parent == ckpts.root.absolute():
+        step = read_state(point / TRAIN_STATE_DIR)["step"]
+        later = [s for s in existing if s > step]
+        if later:
+            raise ConfigError(f"trainer.resume={resume}: {ckpts.root} also holds later checkpoints (steps {later}), "
+                              "which a later auto-resume would pick instead of this branch; use another output_dir "
+                              "or delete them")
+    dist.barrier()  # everyone has read the directory before rank 0 changes it
+    if rt.is_main:
+        removed = ckpts.remove_leftovers()
+        if removed:
+            log.warning("removed what an interrupted checkpoint save left in %s: %s", ckpts.root, ", ".join(removed))
+        if resume == "never" and existing:
+            log.warning("trainer.resume=never: removing the %d checkpoint(s) of an earlier run in %s", len(existing),
+                        ckpts.root)
+            ckpts.remove_all()
+    dist.barrier()
+    if point is None and resume == "auto":
+        log.info("no checkpoint in %s: starting from step 0", ckpts.root)
+    return point
+
+
+def _restore(cfg, point: Path, model, optimizer, scheduler, order, stopper, model_cfg, total_steps: int, rt):
+    """Load the trained weights and the train state of checkpoint ``point``; returns the loop's progress.
+    Refuses (naming the keys) a checkpoint trained with settings that would make the continuation another
+    training run than the one it interrupted."""
+    from framework.config.errors import ConfigError
+    from framework.peft.registry import load_trained
+    from framework.training.checkpointing import TRAIN_STATE_DIR
+    from framework.training.train_state import load_train_state, read_state, resume_settings, settings_differences
+
+    state = read_state(point / TRAIN_STATE_DIR)
+    problems = settings_differences(state["settings"], resume_settings(cfg))
+    if state["total_steps"] != total_steps:
+        problems.append(f"run length (trainer.max_steps / trainer.max_epochs): checkpoint {state['total_steps']} "
+                        f"steps, now {total_steps} (the LR schedule depends on it)")
+    trained = _trained_dir(cfg, point)
+    if not trained.is_dir():
+        problems.append(f"{trained} does not exist (adapter_name or peft.method changed?)")
+    if problems:
+        raise ConfigError(f"cannot resume from {point}: it belongs to a run with other settings:\n  - "
+                          + "\n  - ".join(problems) + "\nresume with the same settings, or start a new run "
+                          "(another output_dir, or trainer.resume=never)")
+    load_trained(model.module, trained, cfg.peft, model_cfg)
+    loop = load_train_state(point / TRAIN_STATE_DIR, model=model, optimizer=optimizer, scheduler=scheduler,
+                            order=order, stopper=stopper, rt=rt)
+    log.info("resumed from %s: step %d of %d, epoch %d, %d of %d samples into it", point, loop.step, total_steps,
+             order.epoch, order.position, order.num_samples)
+    return loop
+
+
+def _result_from_summary(path: Path) -> RunResult:
+    fields = {f.name for f in dataclasses.fields(RunResult)}
+    return RunResult(**{k: v for k, v in json.loads(path.read_text()).items() if k in fields})
 
 
 def _packed_length(cfg, rt) -> int:
@@ -233,6 +419,27 @@ def _validator(cfg, model, tokenizer, val_set, rt):
                         cfg.precision)
 
     return validate_now
+
+
+def _evaluate_test(cfg, model, tokenizer, rt) -> float | None:
+    """Mean loss per target token over every sample of data.test (None without one), evaluated as
+    validation is. The last micro-batch x DP group is filled with zero-target samples
+    (``framework.data.views.Padded``), so no sample is left out and the loss is the same at every layout.
+    The file was validated with the rest before training; with the data cache this maps it again."""
+    if not cfg.data.get("test"):
+        return None
+    from framework.data.prepare import prepare_file
+    from framework.data.views import Padded
+    from framework.training.step import evaluate
+
+    test_set, _ = prepare_file(cfg.data, tokenizer, cfg.data.test)
+    group = int(cfg.trainer.micro_batch_size) * rt.dp
+    padded = Padded(test_set, group)
+    groups = [list(range(i, i + group)) for i in range(0, len(padded), group)]
+    loss = evaluate(model, [mb for g in groups for mb in _batches(g, padded, cfg, tokenizer, rt)], cfg.precision)
+    log.info("test loss %.4f (perplexity %.2f) over %d samples of %s", loss, math.exp(loss), len(test_set),
+             cfg.data.test)
+    return loss
 
 
 def evaluate_adapter(cfg: DictConfig, adapter_dir: str) -> float:

@@ -25,8 +25,9 @@ def wrap_ddp(model, use_distributed_optimizer: bool = False):
     return ddp
 
 
-def build_optimizer(ddp_model, trainer, precision: str = "fp32"):
-    """Return (optimizer, scheduler) for the trainable parameters of ``ddp_model``."""
+def build_optimizer(ddp_model, trainer, precision: str = "fp32", total_steps: int | None = None):
+    """Return (optimizer, scheduler) for the trainable parameters of ``ddp_model``; the schedule decays over
+    ``total_steps`` (default ``trainer.max_steps``)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -36,13 +37,13 @@ def build_optimizer(ddp_model, trainer, precision: str = "fp32"):
             optimizer="adam", lr=float(trainer.lr), min_lr=float(trainer.min_lr),
             weight_decay=float(trainer.weight_decay), adam_beta1=float(trainer.adam_beta1),
             adam_beta2=float(trainer.adam_beta2), clip_grad=float(trainer.clip_grad),
-            bf16=precision == "bf16" and on_gpu,  # on CPU bf16 is autocast over fp32 parameters
-            params_dtype=torch.bfloat16 if precision == "bf16" and on_gpu else torch.float32,
+            bf16=precision in ("bf16", "fp8") and on_gpu,  # on CPU bf16 is autocast over fp32 parameters
+            params_dtype=torch.bfloat16 if precision in ("bf16", "fp8") and on_gpu else torch.float32,
             use_distributed_optimizer=ddp_model.ddp_config.use_distributed_optimizer,
         ),
         [ddp_model],
     )
-    steps = int(trainer.max_steps)
+    steps = int(trainer.max_steps if total_steps is None else total_steps)
     warmup = min(int(trainer.warmup_steps), steps - 1)
     sched = OptimizerParamScheduler(
         opt, init_lr=0.0, max_lr=float(trainer.lr), min_lr=float(trainer.min_lr),

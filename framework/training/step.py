@@ -71,6 +71,9 @@ def forward_backward(model, micro_batches: list[dict], precision: str = "fp32") 
     DP, SP and tied embeddings, and divided by the global target-token count."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from framework.peft.virtual_tokens import with_virtual_tokens
+
+    micro_batches = with_virtual_tokens(model, micro_batches)  # prompt methods: n more positions, no loss
     device = next(model.parameters()).device
     seq_length, mbs = micro_batches[0]["tokens"].shape[1], micro_batches[0]["tokens"].shape[0]
     model.zero_grad_buffer()
@@ -102,7 +105,9 @@ def evaluate(model, micro_batches: Iterable[dict], precision: str = "fp32") -> f
     """Mean loss per target token over the given micro-batches (this rank's share), all ranks agreeing."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    micro_batches = list(micro_batches)
+    from framework.peft.virtual_tokens import with_virtual_tokens
+
+    micro_batches = with_virtual_tokens(model, list(micro_batches))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

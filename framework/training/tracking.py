@@ -1,0 +1,67 @@
+"""Metrics of a run for people watching it: TensorBoard scalars, optional Weights & Biases, memory in use.
+
+TensorBoard (``trainer.tensorboard``): ``OUTPUT_DIR/tensorboard``, scalars ``train/loss``, ``train/lr``,
+``train/grad_norm``, ``train/tokens_per_s``, ``train/memory_gib`` and ``val/loss`` against the optimiser
+step. A resumed run opens the writer with ``purge_step`` at its first new step, so TensorBoard drops what the
+interrupted invocation logged after its last checkpoint instead of showing those steps twice.
+W&B (``trainer.wandb.project``): the same scalars, one W&B run per training run (its id is kept in the
+train state, so a resumed run continues it). Only global rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def memory_gib(device) -> dict[str, float]:
+    """Resident memory of this process and, on a GPU, the peak memory allocated by torch (GiB)."""
+    import psutil
+    import torch
+
+    out = {"rss": psutil.Process(os.getpid()).memory_info().rss / 2 ** 30}
+    if device.type == "cuda":
+        out["gpu_max_allocated"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return out
+
+
+def format_memory(mem: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.2f}GiB" for k, v in mem.items())
+
+
+class Tracker:
+    """Scalars to TensorBoard and W&B (each optional); a no-op off rank 0."""
+
+    def __init__(self, cfg, output_dir: Path, enabled: bool, first_step: int, wandb_run_id: str | None):
+        self._tb = self._wandb = None
+        self.wandb_run_id = wandb_run_id
+        if not enabled:
+            return
+        tr = cfg.trainer
+        if tr.get("tensorboard", True):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=first_step)
+        project = (tr.get("wandb") or {}).get("project")
+        if project:
+            import wandb
+            from omegaconf import OmegaConf
+
+            self.wandb_run_id = wandb_run_id or wandb.util.generate_id()
+            self._wandb = wandb.init(project=project, name=tr.wandb.get("run_name") or Path(output_dir).name,
+                                     id=self.wandb_run_id, resume="allow", dir=str(output_dir),
+                                     config=OmegaConf.to_container(cfg, resolve=True))
+
+    def scalars(self, step: int, values: dict[str, float | None]) -> None:
+        values = {k: float(v) for k, v in values.items() if v is not None}
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,236 @@
+"""The train state of a checkpoint: everything besides the weights that an exact resume needs.
+
+    train_state/optimizer/       the optimizer (Adam moments, step; fp32 main params under bf16) as megatron
+                                 dist_checkpointing of ``optimizer.sharded_state_dict`` (all ranks write)
+    train_state/rng/tpT-ppP-dpD.pt   python, numpy, torch (CPU and CUDA) and megatron's RNG-tracker states of
+                                 each rank
+    train_state/state.json       step, LR scheduler, data position, early-stopping counters, losses and
+                                 validations so far, the settings a resume must share (written last)
+
+Optimizer state at another data-parallel size: each optimizer tensor is saved as a ShardedTensor shaped
+like its model parameter (megatron maps optimizer state onto the model's sharded state dict), so
+dist_checkpointing writes one copy of every global tensor (DP replicas deduplicated by replica id) and
+reads back whatever slice a rank of the new layout owns. That holds for the plain optimizer (LoRA: DP ranks
+hold replicas) and for megatron's distributed optimizer (``dp_reshardable``: each DP rank writes its bucket
+shards, which megatron reassembles for another DP size on load; TP and PP must stay). The plain optimizer's
+state also reshards across TP/PP as far as the model's sharded state dict does. RNG states are per rank: the same layout gets its own rank's back; at another DP size
+every rank takes DP rank 0's of its (TP, PP) position (DP ranks draw from identical streams: they are
+seeded alike and consume alike).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("framework.train_state")
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.json"
+OPTIMIZER_DIR = "optimizer"
+RNG_DIR = "rng"
+#: how megatron's distributed optimizer lays out its state (ignored by the plain optimizer). megatron-core
+#: 0.16.1 refuses ``fully_sharded_model_space`` (ShardedTensor.flattened_range is gone) and its
+#: ``fully_reshardable`` gathers through ``Tensor.cuda()``; ``dp_reshardable`` works on CPU and GPU and
+#: loads at another data-parallel size.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+#: settings that must be the same for a resumed run to continue the same training (anything else, such as
+#: the layout, micro-batch size, intervals or early-stopping patience, may change between invocations)
+RESUME_KEYS = ("seed", "precision", "model.name", "model.source", "model.arch", "peft", "data.train",
+               "data.validation", "data.validation_split", "data.format", "data.max_length", "data.truncation_side", "data.loss_on",
+               "data.packing", "trainer.global_batch_size", "trainer.lr", "trainer.min_lr", "trainer.warmup_steps",
+               "trainer.weight_decay", "trainer.adam_beta1", "trainer.adam_beta2", "trainer.clip_grad",
+               "trainer.distributed_optimizer")  # the last: the optimizer state's format differs
+
+
+@dataclasses.dataclass
+class LoopState:
+    """The training loop's own progress (JSON-serialisable)."""
+    step: int = 0                     # optimiser steps done
+    total_steps: int = 0              # the run's length (LR schedule), from trainer.max_steps / max_epochs
+    losses: list = dataclasses.field(default_factory=list)        # train loss of steps 1..step
+    validations: list = dataclasses.field(default_factory=list)   # [step, validation loss] after step>=1
+    val_before: float | None = None   # validation loss before training (the base model)
+    completion_before: str | None = None
+    finished: bool = False            # True: total_steps reached or stopped early; nothing left to train
+    tokens: int = 0                   # training tokens (inputs) processed, for throughput over invocations
+    train_seconds: float = 0.0        # time spent in training steps (validation and checkpoints excluded)
+    wandb_run_id: str | None = None
+
+
+def resume_settings(cfg) -> dict:
+    """The values of RESUME_KEYS in ``cfg`` (resolved; absent keys are None)."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key in RESUME_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
+
+
+def settings_differences(saved: dict, now: dict) -> list[str]:
+    return [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in RESUME_KEYS
+            if k in saved and saved.get(k) != now.get(k)]
+
+
+# -- RNG ----------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": {k: v.clone() if torch.is_tensor(v) else v
+                         for k, v in get_cuda_rng_tracker().get_states().items()}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rank_position() -> tuple[int, int, int]:
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+            ps.get_data_parallel_rank())
+
+
+def _rng_file(directory: Path, tp: int, pp: int, dp: int) -> Path:
+    return directory / RNG_DIR / f"tp{tp}-pp{pp}-dp{dp}.pt"
+
+
+# -- optimizer ----------------------------------------------------------------------------------------------
+def _optimizer_sharded(model, optimizer, is_loading: bool) -> dict:
+    from framework.peft.lora import unwrap
+
+    return optimizer.sharded_state_dict(unwrap(model).sharded_state_dict(), is_loading=is_loading,
+                                        metadata=OPTIMIZER_METADATA)
+
+
+def save_optimizer(model, optimizer, directory: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(_optimizer_sharded(model, optimizer, is_loading=False), str(directory))
+
+
+def load_optimizer(model, optimizer, directory: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    _prime_distributed_state(optimizer)
+    state = dist_checkpointing.load(_optimizer_sharded(model, optimizer, is_loading=True), str(directory))
+    steps = _distributed_steps(optimizer, state)
+    with torch.no_grad():  # fp32 params: the distributed optimizer's main params are views of the model's
+        optimizer.load_state_dict(state)
+    _set_distributed_steps(optimizer, steps)
+
+
+def _prime_distributed_state(optimizer) -> None:
+    """A distributed optimizer describes its state only once Adam has state (without Apex/TE it reads the
+    step from it): take megatron's dummy step, with lr and weight decay 0 so no weight moves."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "_init_optimizer_states_with_dummy_values") or opt.optimizer.state:
+            continue
+        groups = opt.optimizer.param_groups
+        kept = [(g["lr"], g["weight_decay"]) for g in groups]
+        for g in groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+        try:
+            opt._init_optimizer_states_with_dummy_values()
+        finally:
+            for g, (lr, wd) in zip(groups, kept):
+                g["lr"], g["weight_decay"] = lr, wd
+
+
+def _distributed_steps(optimizer, state) -> list:
+    """The saved Adam step of each distributed optimizer (None for other optimizers). With torch's Adam
+    (no Apex/TE) ``dp_reshardable`` keeps each parameter's step as a local object, so loading copies the
+    primed step over the saved one; the saved step is in the param groups and is put back afterwards."""
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [state] if len(opts) == 1 else [v for _, v in sorted(state.items())]
+    steps = []
+    for opt, st in zip(opts, states):
+        found = {g.get("step") for g in st.get("optimizer", {}).get("param_groups", [])} - {None}
+        is_distributed = hasattr(opt, "_init_optimizer_states_with_dummy_values")
+        steps.append(found.pop() if is_distributed and len(found) == 1 else None)
+    return steps
+
+
+def _set_distributed_steps(optimizer, steps: list) -> None:
+    for opt, step in zip(getattr(optimizer, "chained_optimizers", [optimizer]), steps):
+        if step is not None:
+            for param_state in opt.optimizer.state.values():
+                if "step" in param_state:
+                    param_state["step"] = torch.tensor(float(step))
+
+
+# -- the whole train state ------------------------------------------------------------------------------------
+def save_train_state(directory, *, model, optimizer, scheduler, order, stopper, loop: LoopState, cfg, rt) -> None:
+    """Write ``directory`` (= CHECKPOINT/train_state); all ranks call. state.json comes last, on rank 0,
+    after every rank has written its part."""
+    import torch.distributed as dist
+
+    directory = Path(directory)
+    if rt.is_main:
+        for sub in (RNG_DIR, OPTIMIZER_DIR):
+            (directory / sub).mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    save_optimizer(model, optimizer, directory / OPTIMIZER_DIR)
+    torch.save(rng_state(), _rng_file(directory, *_rank_position()))
+    dist.barrier()
+    if rt.is_main:
+        state = {"format_version": FORMAT_VERSION, **dataclasses.asdict(loop),
+                 "scheduler": scheduler.state_dict(), "data_order": order.state_dict(),
+                 "early_stopping": stopper.state_dict(), "layout": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp},
+                 "settings": resume_settings(cfg)}
+        tmp = directory / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(directory / STATE_FILE)
+
+
+def read_state(directory) -> dict:
+    """state.json of CHECKPOINT/train_state (raises OSError/ValueError if missing or unreadable)."""
+    state = json.loads((Path(directory) / STATE_FILE).read_text())
+    if state.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{Path(directory) / STATE_FILE}: format_version {state.get('format_version')!r}, this "
+                         f"code reads {FORMAT_VERSION}")
+    return state
+
+
+def load_train_state(directory, *, model, optimizer, scheduler, order, stopper, rt) -> LoopState:
+    """Restore optimizer, scheduler, RNG, data position and early-stopping counters from ``directory``;
+    returns the loop's progress. The weights are restored separately (framework.peft.registry.load_trained)
+    and must be loaded first: a bf16 optimizer's fp32 main params are overwritten here."""
+    directory = Path(directory)
+    state = read_state(directory)
+    load_optimizer(model, optimizer, directory / OPTIMIZER_DIR)
+    scheduler.load_state_dict(state["scheduler"])
+    order.load_state_dict(state["data_order"])
+    stopper.load_state_dict(state["early_stopping"])
+    tp, pp, dp = _rank_position()
+    saved = state["layout"]
+    same_layout = (saved["tp"], saved["pp"], saved["dp"]) == (rt.tp, rt.pp, rt.dp)
+    rng_file = _rng_file(directory, tp, pp, dp if same_layout else 0)
+    if rng_file.is_file():
+        # our own file, written by this code: it holds numpy arrays and python tuples, not just tensors
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        log.warning("no RNG state for TP rank %d, PP rank %d in %s (the checkpoint's layout was TP=%d PP=%d): "
+                    "random streams (dropout) restart from the seed", tp, pp, directory, saved["tp"], saved["pp"])
+    fields = {f.name for f in dataclasses.fields(LoopState)}
+    return LoopState(**{k: v for k, v in state.items() if k in fields})
