@@ -72,6 +72,12 @@ def forward_logits(model, tokens: torch.Tensor, micro_batch_size: int | None = N
     if b % mbs:
         raise ValueError(f"forward_logits: micro_batch_size={mbs} does not divide the batch size {b}")
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    from framework.peft.virtual_tokens import extend_batch, num_virtual_tokens
+
+    # Prompt methods: n virtual positions in front (and SP padding behind), dropped from the logits below.
+    n_virtual, real = num_virtual_tokens(gpt), s
+    tokens = extend_batch({"tokens": tokens}, n_virtual, tp if gpt.config.sequence_parallel else 1)["tokens"]
+    s = tokens.shape[1]
     if gpt.config.sequence_parallel and s % tp:
         raise ValueError(f"forward_logits: with sequence parallelism the sequence length {s} must be a "
                          f"multiple of the tensor-parallel size {tp}")
@@ -99,4 +105,4 @@ def forward_logits(model, tokens: torch.Tensor, micro_batch_size: int | None = N
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(logits, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                     group=parallel_state.get_pipeline_model_parallel_group())
-    return logits
+    return logits[:, n_virtual:n_virtual + real] if n_virtual else logits
