@@ -8,8 +8,6 @@ from framework.config.errors import ConfigError
 from framework.models.config import ModelConfig
 from framework.models.layout import LayoutError, check_layout
 
-PRECISIONS = ("fp32", "bf16")
-
 
 def model_config(cfg: DictConfig) -> ModelConfig:
     try:
@@ -18,22 +16,45 @@ def model_config(cfg: DictConfig) -> ModelConfig:
         raise ConfigError(f"model.arch: {e}") from None
 
 
+def model_problems(cfg: DictConfig, model: ModelConfig, world_size: int) -> list[str]:
+    """What any job needs of model.*, parallel.* and precision: a known family, a layout the model can take
+    on ``world_size`` processes, a known precision and model source."""
+    from framework.models.hub import SOURCES
+    from framework.models.registry import FAMILIES
+
+    problems = []
+    if model.family not in FAMILIES:
+        problems.append(f"model.arch.family={model.family!r} is not a known family; known: {sorted(FAMILIES)}")
+    elif model.num_decoder_layers is not None:  # T5: converters and logits only (framework/models/t5.py)
+        problems.append(f"model.arch.family={model.family!r} is an encoder-decoder model: the fine-tuning job, "
+                        f"generation and evaluation handle decoder-only models; T5 is supported by the converters "
+                        f"and framework/models/t5.py t5_logits")
+    par = cfg.parallel
+    try:
+        check_layout(model, int(par.tensor), int(par.pipeline), bool(par.sequence), world_size,
+                     par.get("first_stage_layers"), par.get("last_stage_layers"))
+    except LayoutError as e:
+        problems.append(str(e).replace("invalid parallel layout:\n  - ", "").replace("\n  - ", "\n"))
+    from framework.config.precision import precision_problems
+
+    problems += precision_problems(cfg)  # fp8 only with TE on a Hopper-class GPU; trainer.recompute
+    if cfg.model.source not in SOURCES:
+        problems.append(f"model.source={cfg.model.source!r} is not one of {', '.join(SOURCES)}")
+    return problems
+
+
 def validate(cfg: DictConfig, world_size: int) -> ModelConfig:
     """Raise ConfigError (one message listing every problem) or return the model architecture."""
     problems: list[str] = []
     model = model_config(cfg)
-    from framework.models.registry import FAMILIES
-
-    if model.family not in FAMILIES:
-        problems.append(f"model.arch.family={model.family!r} is not a known family; known: {sorted(FAMILIES)}")
+    problems += model_problems(cfg, model, world_size)  # family, layout, precision, model.source
     par = cfg.parallel
-    if not cfg.data.get("validation"):
-        problems.append("data.validation: a validation file is required (a split fraction of the training "
-                        "file is not supported yet)")
-    try:
-        check_layout(model, int(par.tensor), int(par.pipeline), bool(par.sequence), world_size)
-    except LayoutError as e:
-        problems.append(str(e).replace("invalid parallel layout:\n  - ", "").replace("\n  - ", "\n"))
+    from framework.data.prepare import check_files
+
+    try:  # exactly one of data.validation / data.validation_split; test and cache_dir paths
+        check_files(cfg.data, require_validation=True)
+    except ValueError as e:
+        problems.append(str(e))
     tr = cfg.trainer
     dp = max(1, world_size // max(1, int(par.tensor) * int(par.pipeline)))
     if int(tr.micro_batch_size) < 1:
@@ -43,28 +64,45 @@ def validate(cfg: DictConfig, world_size: int) -> ModelConfig:
             f"trainer.global_batch_size={tr.global_batch_size} is not divisible by trainer.micro_batch_size "
             f"x data-parallel size = {tr.micro_batch_size} x {dp}; use a multiple of "
             f"{int(tr.micro_batch_size) * dp}")
-    if int(tr.max_steps) < 1:
-        problems.append(f"trainer.max_steps={tr.max_steps} must be >= 1")
-    if cfg.precision not in PRECISIONS:
-        problems.append(f"precision={cfg.precision!r} is not one of {PRECISIONS} (fp8 arrives with the GPU path)")
-    from framework.peft.registry import METHODS
+    from framework.training.options import trainer_problems
+
+    problems += trainer_problems(tr)  # steps/epochs, intervals, checkpoints, resume, early stopping, logging
+    if not isinstance(tr.get("distributed_optimizer", False), bool):
+        problems.append(f"trainer.distributed_optimizer={tr.distributed_optimizer!r}: expected true or false")
+    from framework.peft.registry import METHODS, config_problems
 
     if cfg.peft.method not in METHODS:
         problems.append(f"peft.method={cfg.peft.method!r} is not one of {sorted(METHODS)}")
-    if cfg.model.source not in ("smollm2", "hf", "random"):
-        problems.append(f"model.source={cfg.model.source!r} is not one of smollm2, hf, random")
+    problems += config_problems(cfg, model)  # the method's own keys (e.g. peft.num_virtual_tokens)
     from framework.data.prepare import check_options
 
-    try:
-        check_options(cfg.data.max_length, cfg.data.truncation_side, cfg.data.get("format", "prompt_completion"),
-                      cfg.data.get("loss_on", "assistant"))
-    except ValueError as e:
-        problems.append(str(e))
+    if "dpo" in cfg or cfg.data.get("format") == "preference":  # preference tuning (launch/dpo.py)
+        from framework.training.dpo import job_problems
+
+        problems += job_problems(cfg)
+    else:
+        try:
+            check_options(cfg.data.max_length, cfg.data.truncation_side, cfg.data.get("format", "prompt_completion"),
+                          cfg.data.get("loss_on", "assistant"))
+        except ValueError as e:
+            problems.append(str(e))
     if not isinstance(cfg.data.get("packing", False), bool):
         problems.append(f"data.packing={cfg.data.packing!r}: expected true or false")
     if isinstance(cfg.data.max_length, int) and cfg.data.max_length > model.max_position_embeddings:
         problems.append(f"data.max_length={cfg.data.max_length} exceeds the model's "
                         f"max_position_embeddings={model.max_position_embeddings}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return model
+
+
+def validate_generation(cfg: DictConfig, world_size: int) -> ModelConfig:
+    """The checks of conf/generate.yaml (launch/generate.py, launch/evaluate.py): model, layout and precision
+    as for training, then mode, input, batch_size, generate.* and eval.* (framework/inference/options.py)."""
+    from framework.inference.options import generation_problems
+
+    model = model_config(cfg)
+    problems = model_problems(cfg, model, world_size) + generation_problems(cfg, model)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return model

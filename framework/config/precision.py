@@ -1,0 +1,81 @@
+"""Numeric precision and activation recomputation: the config keys -> megatron TransformerConfig fields,
+and the checks that run before any process group starts.
+
+    precision=fp32   fp32 everything (CPU and GPU)
+    precision=bf16   GPU: bf16 weights/activations, fp32 main grads and optimizer state (megatron mixed
+                     precision); CPU: fp32 weights under bf16 autocast
+    precision=fp8    Transformer Engine fp8 GEMMs on a Hopper (sm_90) or newer GPU, bf16 elsewhere;
+                     fp8.recipe delayed (amax history) or current (per-tensor scaling from the current
+                     tensors, megatron's "tensorwise"); refused without TE or without such a GPU
+    trainer.recompute  none | selective (core attention) | full (every layer's input kept, the layer
+                       recomputed in backward)
+"""
+
+from __future__ import annotations
+
+PRECISIONS = ("fp32", "bf16", "fp8")
+FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}
+FP8_FORMATS = ("hybrid", "e4m3")
+RECOMPUTE = ("none", "selective", "full")
+
+
+def fp8_available() -> tuple[bool, str]:
+    """(usable, why not) for Transformer Engine fp8 on this machine."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "this machine has no CUDA GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        return False, f"the GPU ({torch.cuda.get_device_name()}) is sm_{major}{minor}; fp8 needs sm_89/sm_90 or newer"
+    from framework.models.gpt import te_available
+
+    if not te_available():
+        return False, "Transformer Engine is not installed (pip install .[gpu], or use the NGC container)"
+    return True, ""
+
+
+def precision_problems(cfg) -> list[str]:
+    from omegaconf import OmegaConf
+
+    problems = []
+    precision = cfg.get("precision")
+    if precision not in PRECISIONS:
+        problems.append(f"precision={precision!r} is not one of {PRECISIONS}")
+    elif precision == "fp8":
+        ok, why = fp8_available()
+        if not ok:
+            problems.append(f"precision=fp8 needs Transformer Engine on a Hopper-class GPU, but {why}; "
+                            f"use precision=bf16")
+        fp8 = cfg.get("fp8") or {}
+        if fp8.get("recipe", "delayed") not in FP8_RECIPES:
+            problems.append(f"fp8.recipe={fp8.get('recipe')!r} is not one of {list(FP8_RECIPES)}")
+        if fp8.get("format", "hybrid") not in FP8_FORMATS:
+            problems.append(f"fp8.format={fp8.get('format')!r} is not one of {list(FP8_FORMATS)}")
+    recompute = OmegaConf.select(cfg, "trainer.recompute", default="none")
+    if recompute not in RECOMPUTE:
+        problems.append(f"trainer.recompute={recompute!r} is not one of {RECOMPUTE}")
+    return problems
+
+
+def transformer_settings(cfg) -> dict:
+    """The TransformerConfig fields the job's keys set: fp8 recipe, recompute, and an explicit uneven
+    pipeline split (parallel.first_stage_layers / last_stage_layers; framework/models/layout.py)."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    first = OmegaConf.select(cfg, "parallel.first_stage_layers", default=None)
+    last = OmegaConf.select(cfg, "parallel.last_stage_layers", default=None)
+    if first is not None or last is not None:
+        out.update(num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last)
+    if cfg.get("precision") == "fp8":
+        fp8 = cfg.get("fp8") or {}
+        out.update(fp8=fp8.get("format", "hybrid"), fp8_recipe=FP8_RECIPES[fp8.get("recipe", "delayed")],
+                   fp8_amax_history_len=int(fp8.get("amax_history_len", 1024)),
+                   fp8_amax_compute_algo=fp8.get("amax_compute_algo", "max"))
+    recompute = OmegaConf.select(cfg, "trainer.recompute", default="none")
+    if recompute == "selective":
+        out.update(recompute_granularity="selective")
+    elif recompute == "full":
+        out.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return out
