@@ -2,9 +2,16 @@
 
 Same Llama config, same base weights (ours imported from the HF model's safetensors), same LoRA rank,
 alpha and targets, same batch, same optimizer (Adam on the adapter only), same thread count, in one run.
-Prints tokens/s for both and the ratio ours / HF.
+Both models live in the process and their timed steps alternate (HF, ours, HF, ours, ...), so a change of
+load on a shared machine hits both alike; each side's median step is reported (wall time, and the
+process's CPU time, which other processes disturb less). Prints tokens/s for both and the ratio ours / HF.
+
+``--full``: full-parameter SFT instead (every parameter trainable): ours with ``peft.method=none``
+(framework/peft/registry.py) and megatron's Adam over DDP's fp32 gradient buffers, HF transformers with a
+plain ``torch.optim.AdamW`` on all parameters; no PEFT on either side.
 
     python bench/lora_step.py                       # hidden 512, 4 layers, seq 512, batch 2
+    python bench/lora_step.py --full                # the same, full-parameter SFT step
     python bench/lora_step.py --hidden 256 --steps 3 --seq 128     # a quick look
 """
 
@@ -35,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per framework (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both")
+    p.add_argument("--full", action="store_true", help="full-parameter SFT step (no LoRA; AdamW on every weight)")
     return p.parse_args(argv)
 
 
@@ -57,23 +65,38 @@ def batch(a):
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def time_steps(step, n_warmup, n_steps):
-    for _ in range(n_warmup):
-        step()
-    t0 = time.perf_counter()
+def time_steps(steps: dict, n_warmup: int, n_steps: int) -> tuple[dict, dict]:
+    """({name: (median wall s, median process CPU s)} per step, {name: loss of its first step}); the named
+    steps run in turn every round."""
+    import statistics
+
+    first = {name: step() for name, step in steps.items()}
+    for _ in range(n_warmup - 1):
+        for step in steps.values():
+            step()
+    times = {name: ([], []) for name in steps}
     for _ in range(n_steps):
-        step()
-    return (time.perf_counter() - t0) / n_steps
+        for name, step in steps.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            step()
+            times[name][0].append(time.perf_counter() - w0)
+            times[name][1].append(time.process_time() - c0)
+    return {name: (statistics.median(w), statistics.median(c)) for name, (w, c) in times.items()}, first
 
 
-def bench_hf(a, hf_model, inputs, labels):
+def hf_step(a, hf_model, inputs, labels):
+    """One HF training step (a closure)."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(hf_model, LoraConfig(
-        r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    if a.full:
+        model = hf_model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    else:
+        model = get_peft_model(hf_model, LoraConfig(
+            r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -81,17 +104,19 @@ def bench_hf(a, hf_model, inputs, labels):
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         loss.backward()
         opt.step()
+        return loss.item()
 
-    return time_steps(step, a.warmup, a.steps)
+    return step
 
 
-def bench_ours(a, hf_dir, inputs, labels):
+def our_step(a, hf_dir, inputs, labels):
+    """One training step of ours (a closure), on weights imported from ``hf_dir``."""
     from omegaconf import OmegaConf
 
     from framework.checkpoint.hf_import import load_hf_into_gpt
     from framework.models.config import ModelConfig
     from framework.models.gpt import build_gpt
-    from framework.peft.lora import apply_lora
+    from framework.peft.registry import apply_peft
     from framework.runtime import initialize
     from framework.training.optim import build_optimizer, wrap_ddp
     from framework.training.step import train_step
@@ -103,14 +128,15 @@ def bench_ours(a, hf_dir, inputs, labels):
                             kv_channels=a.hidden // a.heads, max_position_embeddings=max(2048, a.seq))
     model = build_gpt(model_cfg)
     load_hf_into_gpt(model, hf_dir, model_cfg)
-    apply_lora(model, targets=("qkv", "proj", "fc1", "fc2"), rank=a.rank, alpha=2 * a.rank)
+    apply_peft(model, OmegaConf.create(dict(method="none") if a.full else dict(
+        method="lora", targets=["qkv", "proj", "fc1", "fc2"], rank=a.rank, alpha=2 * a.rank, dropout=0.0)), model_cfg)
     ddp = wrap_ddp(model)
     trainer = OmegaConf.create(dict(lr=1e-4, min_lr=1e-4, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
                                     clip_grad=0.0, max_steps=a.warmup + a.steps + 1, warmup_steps=0))
     opt, sched = build_optimizer(ddp, trainer)
     mb = dict(tokens=inputs, labels=labels, loss_mask=torch.ones_like(labels, dtype=torch.float),
               position_ids=torch.arange(a.seq).expand(a.batch, -1).contiguous())
-    return time_steps(lambda: train_step(ddp, opt, sched, [mb]), a.warmup, a.steps)
+    return lambda: train_step(ddp, opt, sched, [mb]).loss
 
 
 def main(argv=None):
@@ -121,19 +147,20 @@ def main(argv=None):
     setup_logging("WARNING")
     inputs, labels = batch(a)
     tokens = a.batch * a.seq
+    hf_name = "HF transformers" + ("" if a.full else " + PEFT")
     with tempfile.TemporaryDirectory() as d:
-        hf_model = make_hf_model(a, d)
-        t_hf = bench_hf(a, hf_model, inputs, labels)
-        del hf_model
-        t_ours = bench_ours(a, d, inputs, labels)
-    rows = [("HF transformers + PEFT", t_hf), ("ours (megatron-core)", t_ours)]
-    print(f"\nLoRA step, Llama hidden={a.hidden} layers={a.layers} heads={a.heads}/{a.kv_heads} ffn={a.ffn} "
-          f"vocab={a.vocab}, batch {a.batch} x seq {a.seq}, rank {a.rank}, threads {a.threads}, "
-          f"torch {torch.__version__}")
-    print(f"{'implementation':<26}{'s/step':>10}{'tokens/s':>12}")
-    for name, t in rows:
-        print(f"{name:<26}{t:>10.3f}{tokens / t:>12.0f}")
-    print(f"ratio ours / HF (tokens/s): {t_hf / t_ours:.2f}x")
+        steps = {hf_name: hf_step(a, make_hf_model(a, d), inputs, labels),
+                 "ours (megatron-core)": our_step(a, d, inputs, labels)}
+        times, first = time_steps(steps, a.warmup, a.steps)
+    (t_hf, c_hf), (t_ours, c_ours) = times.values()
+    print(f"\n{'full SFT step' if a.full else f'LoRA step (rank {a.rank})'}, Llama hidden={a.hidden} "
+          f"layers={a.layers} heads={a.heads}/{a.kv_heads} ffn={a.ffn} vocab={a.vocab}, batch {a.batch} x seq {a.seq}, "
+          f"threads {a.threads}, torch {torch.__version__}")
+    print(f"{'implementation':<26}{'s/step':>10}{'tokens/s':>12}{'CPU s/step':>12}")
+    for name, (t, c) in times.items():
+        print(f"{name:<26}{t:>10.3f}{tokens / t:>12.0f}{c:>12.3f}")
+    print("loss of the first step (same weights and batch): " + ", ".join(f"{n} {v:.5f}" for n, v in first.items()))
+    print(f"ratio ours / HF (tokens/s): {t_hf / t_ours:.2f}x (by CPU time: {c_hf / c_ours:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,16 @@ def _broadcast_error(msg: str | None) -> None:
         raise CheckpointError(box[0])
 
 
+def _gather_dicts(d: dict) -> dict:
+    """The union of every rank's ``d`` on rank 0 (``d`` itself without process groups; {} off rank 0)."""
+    dist = _dist()
+    if not dist:
+        return dict(d)
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(d, out, dst=0)
+    return {k: v for part in out or [] for k, v in part.items()}
+
+
 def _unwrap(model):
     while hasattr(model, "module") and not hasattr(model, "decoder"):
         model = model.module
@@ -73,7 +83,9 @@ def _unwrap(model):
 
 
 def _is_base_key(key: str) -> bool:
-    return ".lora_A." not in key and ".lora_B." not in key
+    from framework.peft.wrapping import is_adapter_key  # LoRA, DoRA, IA3, bottleneck adapter tensors
+
+    return not is_adapter_key(key)
 
 
 def base_sharded_state_dict(model) -> dict:
@@ -98,16 +110,15 @@ def _file_sizes(directory: Path) -> dict[str, int]:
     return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def _sha256(path: Path, chunk: int = 1 << 24) -> str:
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
+    view = memoryview(bytearray(chunk))  # one buffer, reused: the hash adds 4 MiB to the resident set
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 # -- config.yaml ------------------------------------------------------------------------------------------
@@ -160,15 +171,22 @@ def config_mismatches(expected: ModelConfig, found: ModelConfig) -> list[str]:
 
 # -- save -------------------------------------------------------------------------------------------------
 def save_checkpoint(model, ckpt_dir, model_cfg: ModelConfig, tokenizer_src=None, hf_dtype: str | None = None,
-                    source: str | None = None, extra: dict | None = None) -> Path:
+                    source: str | None = None, extra: dict | None = None, values=None, on_value=None) -> Path:
     """Write ``model``'s base weights (this process group's TP/PP layout, any) as DIR (all ranks call).
 
     ``tokenizer_src``: an HF directory whose tokenizer files are copied into DIR/tokenizer.
     ``hf_dtype``: dtype of the HF tensors the weights came from ('float32', 'bfloat16', ...), used by the
     HF export to write them back in the same dtype. ``extra`` is stored in config.yaml as given.
+    ``values``: parameter name -> this rank's tensor, computed when the writer reaches it (``model`` may
+    then be a skeleton on the meta device, framework/checkpoint/streaming.py); default: the model's own
+    tensors. ``on_value(name)`` is called after each such parameter is computed (a progress bar).
+    Stored in each parameter's dtype; every file's SHA-256 is recorded in config.yaml (the .distcp files
+    hashed as they are written).
     """
     import yaml
     from megatron.core import dist_checkpointing
+
+    from framework.checkpoint.streaming import streaming_save
 
     ckpt_dir = Path(ckpt_dir).absolute()
     tmp = ckpt_dir.parent / f".{ckpt_dir.name}.tmp"
@@ -183,8 +201,9 @@ def save_checkpoint(model, ckpt_dir, model_cfg: ModelConfig, tokenizer_src=None,
             err = f"cannot create {tmp}: {e}"
     _broadcast_error(err)
     try:
-        dist_checkpointing.save(base_sharded_state_dict(model), str(tmp / WEIGHTS_DIR))
-        _barrier()
+        strategy = streaming_save(_unwrap(model), values, on_value=on_value)
+        dist_checkpointing.save(base_sharded_state_dict(model), str(tmp / WEIGHTS_DIR), sharded_strategy=strategy)
+        digests = _gather_dicts(strategy.sha256)
         if _rank() == 0:
             if tokenizer_src is not None:
                 copy_tokenizer(tokenizer_src, tmp / TOKENIZER_DIR)
@@ -196,7 +215,8 @@ def save_checkpoint(model, ckpt_dir, model_cfg: ModelConfig, tokenizer_src=None,
                 "source": source,
                 **(extra or {}),
                 "weights_files": _file_sizes(tmp / WEIGHTS_DIR),
-                "weights_sha256": {n: _sha256(tmp / WEIGHTS_DIR / n) for n in _file_sizes(tmp / WEIGHTS_DIR)},
+                "weights_sha256": {n: digests.get(n) or _sha256(tmp / WEIGHTS_DIR / n)
+                                   for n in _file_sizes(tmp / WEIGHTS_DIR)},
             }
             with open(tmp / CONFIG_NAME, "w") as f:
                 yaml.safe_dump(meta, f, sort_keys=False)
@@ -233,13 +253,19 @@ def verify_checkpoint(ckpt_dir, model_cfg: ModelConfig | None = None, check_hash
         if actual[name] != size:
             raise CheckpointError(f"{weights / name} is {actual[name]} bytes, but {size} were written: "
                                   f"the file is truncated or corrupted")
-    hashes = meta.get("weights_sha256") or {}
     if check_hashes:
-        for name, digest in hashes.items():
-            if _sha256(weights / name) != digest:
-                raise CheckpointError(f"{weights / name} does not have the SHA-256 recorded in config.yaml: "
-                                      f"the file is corrupted")
+        check_sha256(ckpt_dir, meta)
     return meta
+
+
+def check_sha256(ckpt_dir, meta: dict) -> None:
+    """Compare every weights file with the SHA-256 recorded in config.yaml (``meta``): one read of the files.
+    Raises CheckpointError naming the first file that differs."""
+    weights = Path(ckpt_dir) / WEIGHTS_DIR
+    for name, digest in (meta.get("weights_sha256") or {}).items():
+        if _sha256(weights / name) != digest:
+            raise CheckpointError(f"{weights / name} does not have the SHA-256 recorded in config.yaml: "
+                                  f"the file is corrupted")
 
 
 def load_checkpoint_into(model, ckpt_dir, model_cfg: ModelConfig, check_hashes: bool = True) -> dict:

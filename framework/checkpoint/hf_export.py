@@ -7,17 +7,19 @@
 One tensor at a time, in HF order (embedding, layers 0..L-1, final norm, lm_head): every rank offers its
 local shard of the parameter (None if its stage does not hold it); global rank 0 gathers them, undoes the
 TP sharding and the fusions with the inverse of the name table's transforms (framework/models/families/,
-weight_table.py), checks the shape against the HF shape the config implies, and appends the result to the
-current output file, which is written once it reaches ``max_shard_bytes``. Peak memory on rank 0 is one
-output file plus one parameter, beyond the model stage itself. Every HF tensor of the table is written
-exactly once and every base parameter of every stage is consumed; otherwise :class:`HFExportError`.
+weight_table.py), checks the shape against the HF shape the config implies, and appends its bytes to the
+current output file (names, dtypes and shapes are known from the config, so each file's safetensors
+header is written first and the tensors follow as they come; a file ends before ``max_shard_bytes``).
+Peak memory on rank 0 is one parameter (all TP shards) and the HF tensor(s) made of it, beyond the
+model stage itself -- or beyond nothing, with ``params`` reading each parameter from a checkpoint when
+asked. Every HF tensor of the table is written exactly once and every base parameter of every stage is
+consumed; otherwise :class:`HFExportError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -56,13 +58,13 @@ def _export_plan(cfg: ModelConfig):
     appears once (tied: the output layer's copy of the embedding is a duplicate, checked not written)."""
     from framework.checkpoint.hf_import import stack_of
 
-    rules = _family(cfg).rules(cfg.tie_word_embeddings)
+    rules = _family(cfg).rules(cfg.tie_word_embeddings, cfg)
     globals_first = [r for r in rules if not r.per_layer and r.ours.startswith(("embedding", "encoder"))]
     per_layer = [r for r in rules if r.per_layer]
     globals_last = [r for r in rules if not r.per_layer and r not in globals_first]
     plan = [(r, None) for r in globals_first]
     for stack in dict.fromkeys(stack_of(r) for r in per_layer):  # encoder before decoder, as listed
-        for i in range(cfg.num_layers):
+        for i in range(cfg.layers_of(stack)):
             plan += [(r, i) for r in per_layer if stack_of(r) == stack]
     plan += [(r, None) for r in globals_last]
     out, seen = [], set()
@@ -75,7 +77,7 @@ def _export_plan(cfg: ModelConfig):
     return out
 
 
-def _local_params(gpt) -> dict:
+def base_params(gpt) -> dict:
     """{our name: tensor} of base weights on this stage."""
     sd = gpt.state_dict()  # LoRALinear's hooks keep base keys unchanged
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and ".lora_" not in k
@@ -83,55 +85,64 @@ def _local_params(gpt) -> dict:
 
 
 class _ShardWriter:
-    """Collects tensors and writes safetensors files of at most ``max_bytes`` (one tensor may exceed it)."""
+    """The output safetensors files, planned up front from ``entries`` [(HF name, dtype, shape)] in writing
+    order (a file ends before the tensor that would take it past ``max_bytes``; one tensor may exceed it),
+    and written one tensor at a time (framework/checkpoint/safetensors_stream.py)."""
 
-    def __init__(self, directory: Path, max_bytes: int):
-        self.dir, self.max_bytes = directory, max_bytes
-        self.current: dict[str, torch.Tensor] = {}
-        self.current_bytes = 0
-        self.files: list[list[str]] = []
+    def __init__(self, directory: Path, entries: list, max_bytes: int):
+        self.dir = directory
+        files: list[list] = [[]]
+        size = 0
+        for name, dtype, shape in entries:
+            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            if files[-1] and size + n > max_bytes:
+                files.append([])
+                size = 0
+            files[-1].append((name, dtype, shape))
+            size += n
+        k = len(files)
+        self.names = ["model.safetensors"] if k == 1 else [f"model-{i + 1:05d}-of-{k:05d}.safetensors"
+                                                           for i in range(k)]
+        self.files = files
+        self.file_of = {e[0]: i for i, entries_i in enumerate(files) for e in entries_i}
+        self.open: tuple[int, object] | None = None
         self.total_bytes = 0
 
     def add(self, name: str, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self.current and self.current_bytes + nbytes > self.max_bytes:
-            self.flush()
-        self.current[name] = t.contiguous()
-        self.current_bytes += nbytes
-        self.total_bytes += nbytes
+        from framework.checkpoint.safetensors_stream import SafetensorsStreamWriter
 
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.current:
-            return
-        k = len(self.files)
-        save_file(self.current, str(self.dir / f".part-{k}.safetensors"), metadata={"format": "pt"})
-        self.files.append(list(self.current))
-        self.current, self.current_bytes = {}, 0
+        k = self.file_of[name]
+        if self.open is None or self.open[0] != k:
+            if self.open is not None:
+                self.open[1].close()
+            self.open = (k, SafetensorsStreamWriter(self.dir / self.names[k], self.files[k], {"format": "pt"}))
+        self.open[1].write(name, t)
+        self.total_bytes += t.numel() * t.element_size()
 
     def finish(self) -> list[str]:
-        self.flush()
-        n = len(self.files)
-        if n == 1:
-            os.replace(self.dir / ".part-0.safetensors", self.dir / "model.safetensors")
-            return ["model.safetensors"]
-        weight_map, names = {}, []
-        for k, keys in enumerate(self.files):
-            name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.dir / f".part-{k}.safetensors", self.dir / name)
-            names.append(name)
-            weight_map.update({key: name for key in keys})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return names
+        if self.open is not None:
+            self.open[1].close()
+            self.open = None
+        if len(self.names) > 1:
+            weight_map = {e[0]: self.names[k] for k, entries in enumerate(self.files) for e in entries}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return list(self.names)
+
+    def abort(self) -> None:
+        if self.open is not None:
+            self.open[1].abort()
+            self.open = None
 
 
 def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype: str | None = None,
-              max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> dict | None:
-    """Write the base weights of ``model`` (every rank calls with its stage) as an HF Llama directory.
+              max_shard_bytes: int = 5 * 2**30, progress: bool = False, params=None) -> dict | None:
+    """Write the base weights of ``model`` (every rank calls with its stage) as an HF directory of its family.
 
     ``dtype``: 'float32' / 'bfloat16' / 'float16' for the written tensors (default: the parameters').
+    ``params``: {our name: tensor} of this rank's base weights to use instead of the model's own, e.g. a
+    mapping that reads each from a checkpoint when asked (framework/checkpoint/streaming.py
+    CheckpointParams; ``model`` is then a skeleton that only gives the layer numbering).
     Rank 0 writes into a temporary sibling directory moved into place when complete. Returns, on rank 0,
     {'tensors', 'bytes', 'seconds', 'files'}; None on other ranks.
     """
@@ -140,7 +151,8 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
     from framework.inference.logits import unwrap_model
 
     t0 = time.perf_counter()
-    distributed = dist.is_available() and dist.is_initialized()
+    # one process needs no gathering (gather_object would pickle every tensor: three extra copies)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     if distributed:
         from megatron.core import parallel_state as ps
@@ -152,11 +164,15 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
     from framework.checkpoint.hf_import import layer_offset, shard_context, stack_of
 
     gpt = unwrap_model(model)
-    params = _local_params(gpt)
+    if params is None:
+        params = base_params(gpt)
     ctx = shard_context(model_cfg, 0, 1)
-    target_dtype = DTYPES[dtype] if dtype else None
     if dtype and dtype not in DTYPES:
         raise HFExportError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if dtype is None:  # the parameters' (all alike: megatron builds every weight in params_dtype)
+        first = next(iter(params.values()), None)
+        dtype = str(first.dtype).replace("torch.", "") if first is not None else "float32"
+    target_dtype = DTYPES[dtype]
 
     out_dir = Path(out_dir).absolute()
     expected = hf_shapes(model_cfg)
@@ -164,7 +180,8 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
     writer, tmp, bar = None, None, None
     if rank == 0:
         tmp = temp_dir_beside(out_dir)
-        writer = _ShardWriter(tmp, max_shard_bytes)
+        writer = _ShardWriter(tmp, [(n, target_dtype, expected[n]) for *_, names, dup in plan if not dup
+                                    for n in names if n in expected], max_shard_bytes)
         if progress:
             from tqdm import tqdm
 
@@ -224,9 +241,7 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
                     if tuple(value.shape) != want:
                         raise HFExportError(f"HF tensor {name!r} from parameter {ours!r} has shape "
                                             f"{tuple(value.shape)}, the config implies {want}")
-                    if target_dtype is not None:
-                        value = value.to(target_dtype)
-                    writer.add(name, value.clone())
+                    writer.add(name, value.to(target_dtype))
                     written.append(name)
                     if bar is not None:
                         bar.update(1)
@@ -250,9 +265,7 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
             if missing or len(written) != len(set(written)):
                 raise HFExportError(f"HF tensor(s) {missing} not written (or written twice)")
             files = writer.finish()
-            first = next(iter(params.values()), None)
-            cfg_dtype = dtype or (str(first.dtype).replace("torch.", "") if first is not None else "float32")
-            (tmp / "config.json").write_text(json.dumps(hf_config_dict(model_cfg, cfg_dtype), indent=2))
+            (tmp / "config.json").write_text(json.dumps(hf_config_dict(model_cfg, dtype), indent=2))
             if tokenizer_dir is not None:
                 from framework.checkpoint.ckpt_format import copy_tokenizer
 
@@ -277,5 +290,7 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
     finally:
         if bar is not None:
             bar.close()
+        if writer is not None:
+            writer.abort()
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

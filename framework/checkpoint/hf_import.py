@@ -1,9 +1,11 @@
 """Load a Hugging Face safetensors checkpoint of any registered family into this rank's model stage.
 
-Every rank reads only what its pipeline stage needs, one tensor at a time through
-``safetensors.safe_open`` (memory-mapped; the whole model is never in memory), and keeps its own
-tensor-parallel shard (the family's table, framework/models/families/, through the shared transforms of
-framework/models/weight_table.py). Strict in both directions:
+Every rank reads only what its pipeline stage needs, one tensor at a time with plain file reads
+(framework/checkpoint/safetensors_stream.py; no memory map, so the resident set holds the tensors in
+flight, never the file), and keeps its own tensor-parallel shard (the family's table,
+framework/models/families/, through the shared transforms of framework/models/weight_table.py).
+:class:`HFWeights` computes one parameter on demand (the streaming converter writes each straight to
+the checkpoint); :func:`load_hf_into_gpt` fills a whole model stage with it. Strict in both directions:
 
 * every parameter of the stage is assigned exactly once, with the parameter's shape (the HF tensor
   is cast to the parameter's dtype);
@@ -22,7 +24,6 @@ all-reducing their gradients); here both copies are filled from ``model.embed_to
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -75,6 +76,12 @@ def stack_of(rule: wt.WeightRule) -> str:
     return rule.ours.split(".layers.{i}")[0]
 
 
+def deepest_stack(cfg: ModelConfig, rules) -> int:
+    """Layers of the deepest stack the per-layer rules name (T5's decoder may be deeper than its encoder);
+    a layer index at or beyond it is an error, one beyond its own stack is unexpected by ``hf_shapes``."""
+    return max([cfg.layers_of(stack_of(r)) for r in rules if r.per_layer] or [cfg.num_layers])
+
+
 def layer_offset(model, stack: str = "decoder") -> tuple[int, int]:
     """(global index of this stage's first layer, number of layers on this stage) of a layer stack."""
     block = model
@@ -117,53 +124,51 @@ def shard_context(model_cfg: ModelConfig, tp_rank: int, tp_size: int) -> wt.Shar
                            num_groups=model_cfg.num_query_groups, head_dim=model_cfg.kv_channels)
 
 
-def load_hf_into_gpt(gpt_model, hf_dir: str | Path, model_cfg: ModelConfig) -> dict:
-    """Fill this rank's stage of ``gpt_model`` from the HF checkpoint in ``hf_dir``.
+class HFWeights:
+    """This rank's parameters computed from an HF checkpoint, one at a time, through the family's table.
 
-    Process groups must exist (TP rank/size come from megatron's parallel_state). Call it before PEFT
-    wraps the model: adapter parameters have no HF source and would be reported as unassigned.
-    Returns a small report: {'assigned': [our parameter names], 'hf_tensors_read': n}.
+    Construction checks everything that can be checked without reading data: config.json describes
+    ``model_cfg``; every HF tensor name is known (or ignorable), its layer exists and config.json expects
+    it; every parameter of the stage has exactly one rule and its HF sources are present. ``value(name)``
+    then reads that parameter's HF tensor(s) (plain reads, :class:`SafetensorsReader`: never a memory map),
+    applies the transform for this TP rank, checks the shape and casts to the parameter's dtype. Only the
+    parameters' names, shapes and dtypes are used, so ``gpt_model`` may live on the meta device.
+    ``value`` may be called from several threads at once. Use as a context manager (closes the files).
     """
-    from megatron.core import parallel_state
-    from framework.checkpoint.safetensors_files import open_safetensors
 
-    hf_dir = Path(hf_dir)
-    family = _check_config(hf_dir, model_cfg)
-    gpt = _unwrap(gpt_model)
-    index = safetensors_index(hf_dir)
-    tied = model_cfg.tie_word_embeddings
-    rules = family.rules(tied)
-    offsets = {stack_of(r): layer_offset(gpt, stack_of(r)) for r in rules if r.per_layer}
+    def __init__(self, gpt_model, hf_dir: str | Path, model_cfg: ModelConfig):
+        from megatron.core import parallel_state
 
-    # The HF side: every name must be known, and its layer must exist.
-    for name in index:
-        try:
-            kind = wt.classify_hf_name(name, rules, family.ignored, tied, model_cfg.num_layers,
-                                       model_cfg.num_experts)
-        except ValueError as e:  # a layer or expert index beyond the model
-            raise HFImportError(f"{e} (in {index[name].name})") from None
-        if kind is None:
-            raise HFImportError(f"HF tensor {name!r} in {index[name].name} is not a {family.name} weight "
-                                f"known to framework/models/families/{family.name}.py (WEIGHTS)")
+        from framework.checkpoint.safetensors_stream import SafetensorsReader
 
-    params = dict(gpt.named_parameters())
-    ctx = shard_context(model_cfg, parallel_state.get_tensor_model_parallel_rank(),
-                        parallel_state.get_tensor_model_parallel_world_size())
+        self.hf_dir = hf_dir = Path(hf_dir)
+        family = _check_config(hf_dir, model_cfg)
+        gpt = _unwrap(gpt_model)
+        self.index = index = safetensors_index(hf_dir)
+        tied = model_cfg.tie_word_embeddings
+        rules = family.rules(tied, model_cfg)
+        self.offsets = offsets = {stack_of(r): layer_offset(gpt, stack_of(r)) for r in rules if r.per_layer}
+        expected = family.hf_shapes(model_cfg)
 
-    assigned: dict[str, str] = {}
-    n_read = 0
-    with contextlib.ExitStack() as stack:
-        handles = {}
+        # The HF side: every name must be known, and its layer must exist.
+        for name in index:
+            try:
+                kind = wt.classify_hf_name(name, rules, family.ignored, tied, deepest_stack(model_cfg, rules),
+                                           model_cfg.num_experts)
+            except ValueError as e:  # a layer or expert index beyond the model
+                raise HFImportError(f"{e} (in {index[name].name})") from None
+            if kind is None:
+                raise HFImportError(f"HF tensor {name!r} in {index[name].name} is not a {family.name} weight "
+                                    f"known to framework/models/families/{family.name}.py (WEIGHTS)")
+            if kind != "ignored" and name not in expected:
+                raise HFImportError(f"HF tensor {name!r} in {index[name].name} is not expected by config.json "
+                                    f"(e.g. a layer beyond its stack's depth)")
 
-        def read(hf_name: str, ours: str) -> torch.Tensor:
-            if hf_name not in index:
-                raise HFImportError(f"HF tensor {hf_name!r} (needed for parameter {ours!r}) is missing "
-                                    f"from the checkpoint in {hf_dir}")
-            path = index[hf_name]
-            if path not in handles:
-                handles[path] = stack.enter_context(open_safetensors(path, HFImportError))
-            return handles[path].get_tensor(hf_name)
-
+        self.params = params = dict(gpt.named_parameters())
+        self.ctx = shard_context(model_cfg, parallel_state.get_tensor_model_parallel_rank(),
+                                 parallel_state.get_tensor_model_parallel_world_size())
+        # our parameter -> (rule, its HF tensor names), in the table's order
+        self.plan: dict[str, tuple[wt.WeightRule, list[str]]] = {}
         for rule in rules:
             offset, n_local = offsets[stack_of(rule)] if rule.per_layer else (0, 0)
             layers = range(n_local) if rule.per_layer else [None]
@@ -175,34 +180,64 @@ def load_hf_into_gpt(gpt_model, hf_dir: str | Path, model_cfg: ModelConfig) -> d
                     ours = rule.te_ours.format(**fmt)
                 if ours not in params:
                     continue  # not on this stage (embedding off the first stage, output layer off the last)
-                param = params[ours]
                 hf_names = [p.format(**hf_fmt) for p in rule.hf]
-                tensors = [read(n, ours) for n in hf_names]
-                n_read += len(tensors)
-                try:
-                    value = wt.apply_transform(rule, tensors, ctx)
-                except Exception as e:
-                    shapes = [tuple(t.shape) for t in tensors]
-                    raise HFImportError(f"cannot convert HF tensor(s) {hf_names} with shapes {shapes} into "
-                                        f"parameter {ours!r}: {e}") from e
-                if tuple(value.shape) != tuple(param.shape):
-                    shapes = [tuple(t.shape) for t in tensors]
-                    raise HFImportError(
-                        f"shape mismatch: HF tensor(s) {hf_names} with shapes {shapes} give "
-                        f"{tuple(value.shape)} on TP rank {ctx.tp_rank}/{ctx.tp_size}, but parameter {ours!r} "
-                        f"is {tuple(param.shape)}")
-                if ours in assigned:
-                    raise HFImportError(f"parameter {ours!r} assigned twice (from {assigned[ours]} and "
+                if ours in self.plan:
+                    raise HFImportError(f"parameter {ours!r} assigned twice (from {self.plan[ours][1]} and "
                                         f"{hf_names}); the name table has overlapping rules")
-                with torch.no_grad():
-                    param.copy_(value.to(dtype=param.dtype))
-                assigned[ours] = ", ".join(hf_names)
-                del tensors, value
+                for n in hf_names:
+                    if n not in index:
+                        raise HFImportError(f"HF tensor {n!r} (needed for parameter {ours!r}) is missing "
+                                            f"from the checkpoint in {hf_dir}")
+                self.plan[ours] = (rule, hf_names)
+        unassigned = sorted(set(params) - set(self.plan))
+        if unassigned:
+            raise HFImportError(f"parameter(s) {unassigned} of this stage have no source in the HF name table; "
+                                f"the model would keep random weights there")
+        self.reader = SafetensorsReader(HFImportError)
+        self.hf_tensors_read = 0
 
-    unassigned = sorted(set(params) - set(assigned))
-    if unassigned:
-        raise HFImportError(f"parameter(s) {unassigned} of this stage have no source in the HF name table; "
-                            f"the model would keep random weights there")
-    log.info("loaded %d parameters (layers %s) from %s (%d HF tensors read)", len(assigned),
-             ", ".join(f"{k} {o}..{o + n - 1}" for k, (o, n) in offsets.items()), hf_dir, n_read)
-    return {"assigned": sorted(assigned), "hf_tensors_read": n_read}
+    def value(self, ours: str) -> torch.Tensor:
+        """Parameter ``ours`` of this rank (its TP shard), in the parameter's dtype and shape."""
+        rule, hf_names = self.plan[ours]
+        param = self.params[ours]
+        tensors = [self.reader.read(self.index[n], n) for n in hf_names]
+        self.hf_tensors_read += len(tensors)
+        try:
+            value = wt.apply_transform(rule, tensors, self.ctx)
+        except Exception as e:
+            shapes = [tuple(t.shape) for t in tensors]
+            raise HFImportError(f"cannot convert HF tensor(s) {hf_names} with shapes {shapes} into "
+                                f"parameter {ours!r}: {e}") from e
+        if tuple(value.shape) != tuple(param.shape):
+            shapes = [tuple(t.shape) for t in tensors]
+            raise HFImportError(
+                f"shape mismatch: HF tensor(s) {hf_names} with shapes {shapes} give "
+                f"{tuple(value.shape)} on TP rank {self.ctx.tp_rank}/{self.ctx.tp_size}, but parameter {ours!r} "
+                f"is {tuple(param.shape)}")
+        return value.to(dtype=param.dtype)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load_hf_into_gpt(gpt_model, hf_dir: str | Path, model_cfg: ModelConfig) -> dict:
+    """Fill this rank's stage of ``gpt_model`` from the HF checkpoint in ``hf_dir``.
+
+    Process groups must exist (TP rank/size come from megatron's parallel_state). Call it before PEFT
+    wraps the model: adapter parameters have no HF source and would be reported as unassigned.
+    Returns a small report: {'assigned': [our parameter names], 'hf_tensors_read': n}.
+    """
+    with HFWeights(gpt_model, hf_dir, model_cfg) as weights:
+        for ours in weights.plan:
+            with torch.no_grad():
+                weights.params[ours].copy_(weights.value(ours))
+        log.info("loaded %d parameters (layers %s) from %s (%d HF tensors read)", len(weights.plan),
+                 ", ".join(f"{k} {o}..{o + n - 1}" for k, (o, n) in weights.offsets.items()), weights.hf_dir,
+                 weights.hf_tensors_read)
+        return {"assigned": sorted(weights.plan), "hf_tensors_read": weights.hf_tensors_read}

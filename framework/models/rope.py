@@ -102,3 +102,47 @@ def install(rotary, model) -> None:
     Call before the first forward: megatron caches the embeddings per sequence length."""
     freq = inv_freq(model.kv_channels, model.rotary_percent, model.rotary_base, model.rope_scaling)
     rotary.inv_freq = freq.to(rotary.inv_freq.device)
+    _route_attention_rope()
+
+
+# -- applying the rotation ------------------------------------------------------------------------------------
+# megatron's unfused RoPE (``apply_rope_fusion=False``, what our configs select, gpt.py) recomputes cos and sin
+# of the angles in every layer, once for the queries and once for the keys, and ends with
+# ``torch.cat((t, t[..., d:]))`` of an empty pass-through slice: a full copy of q and k forward, and in
+# backward two zero-filled q/k-sized gradients of the slices plus their sum. On the full-SFT CPU benchmark
+# (bench/lora_step.py --full, docs/benchmarks/sft_step.md) that made about 3-9% of a step.
+# ``apply_rotary`` computes the same arithmetic (bitwise: t cos + rotate_half(t) sin, cos/sin cast to t's
+# dtype) with cos and sin computed once per angle tensor (the same tensor goes to every layer of a forward),
+# and hands every other case (fused kernels, packed THD, interleaved, MLA, YaRN's mscale, partial rotary) to
+# megatron unchanged.
+_COS_SIN: dict = {}
+
+
+def apply_rotary(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None, *, _megatron=None):
+    """``megatron...rope_utils.apply_rotary_pos_emb`` for t [s, b, heads, d] and freqs [s, b or 1, 1, d]."""
+    if (config.apply_rope_fusion or cu_seqlens is not None or config.rotary_interleaved
+            or getattr(config, "multi_latent_attention", False) or mscale != 1.0
+            or freqs.shape[-1] != t.shape[-1] or freqs.requires_grad):
+        return _megatron(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+    key = (t.dtype, t.device)
+    hit = _COS_SIN.get(key)
+    if hit is None or hit[0] is not freqs or hit[1] != freqs._version:
+        # keeps a reference to ``freqs``: its identity is the key, so its memory cannot be reused meanwhile
+        hit = (freqs, freqs._version, torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype))
+        _COS_SIN[key] = hit
+    cos, sin = hit[2], hit[3]
+    t1, t2 = torch.chunk(t, 2, dim=-1)
+    return t * cos + torch.cat((-t2, t1), dim=-1) * sin
+
+
+def _route_attention_rope() -> None:
+    """megatron's attention module calls ``apply_rotary`` instead of its own (once per process)."""
+    import functools
+
+    from megatron.core.transformer import attention
+
+    current = attention.apply_rotary_pos_emb
+    if getattr(current, "__wrapped__", None) is not apply_rotary:
+        routed = functools.partial(apply_rotary, _megatron=current)
+        routed.__wrapped__ = apply_rotary
+        attention.apply_rotary_pos_emb = routed

@@ -8,7 +8,9 @@ A method is three functions over this rank's model stage (all ranks call them; s
 
 ``peft.method=none`` is full-parameter fine-tuning: nothing frozen, and "what was trained" is every
 weight, saved through megatron dist_checkpointing (framework/checkpoint/ckpt_format.py) so it reshards on
-load. Every other method saves a small unsharded adapter directory (framework/checkpoint/adapter.py).
+load. Every other method saves a small unsharded adapter directory (framework/checkpoint/adapter.py; the
+prompt methods' table in framework/peft/virtual_tokens.py). ``check(cfg, model_cfg)``, where a method has
+one, lists what is wrong with its ``peft.*`` keys before any process group starts.
 """
 
 from __future__ import annotations

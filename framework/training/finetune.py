@@ -103,8 +103,11 @@ def count_parameters(model) -> tuple[int, int]:
     def numel(p):  # replicated parameters would be counted once per TP rank
         return p.numel() if getattr(p, "tensor_model_parallel", False) else p.numel() / ps.get_tensor_model_parallel_world_size()
 
+    from framework.peft.nf4 import NF4Weight
+
+    quantized = sum(m.numel() for m in model.modules() if isinstance(m, NF4Weight))  # QLoRA: TP shards, not params
     t = torch.tensor([sum(numel(p) for p in model.parameters() if p.requires_grad),
-                      sum(numel(p) for p in model.parameters())], dtype=torch.float64)
+                      sum(numel(p) for p in model.parameters()) + quantized], dtype=torch.float64)
     if ps.get_data_parallel_rank() != 0:
         t.zero_()
     dist.all_reduce(t)

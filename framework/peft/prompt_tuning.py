@@ -1,0 +1,117 @@
+"""Prompt tuning (Lester et al. 2021): n learned embeddings prepended to every sequence, base model frozen.
+
+The trainable table P [n, h] (``prompt_encoder.embedding.weight``, Hugging Face PEFT's ``PromptEmbedding``
+layout) enters on the first pipeline stage; how the batch, positions, labels, SP, PP and packing are
+extended is in framework/peft/virtual_tokens.py.
+
+Initialisation (HF PEFT's ``prompt_tuning_init``):
+
+    random   P ~ N(0, 1)                          (nn.Embedding's default; HF RANDOM)
+    vocab    rows of the word embeddings of n token ids drawn uniformly from the vocabulary (HF SAMPLE_VOCAB)
+    text     rows of the word embeddings of ``init_text``'s tokens, repeated / cut to n (HF TEXT)
+
+drawn from ``seed`` (default: the run's seed) alone, so every rank and every layout starts from the same P.
+``text`` tokenises with the job's tokenizer (``peft.text_tokenizer``, defaulting to the model's) without
+special tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from framework.peft.virtual_tokens import (VirtualTokenError, VirtualTokenSource, install, plain_config,
+                                           prompt_source, read_prompt_adapter, save_prompt_adapter, vocab_rows)
+
+INITS = ("random", "vocab", "text")
+
+
+class PromptTable(VirtualTokenSource):
+    """P itself: ``embedding.weight`` [n, h]."""
+
+    def __init__(self, n: int, hidden: int, device=None):
+        super().__init__()
+        self.embedding = nn.Embedding(n, hidden, device=device)
+
+    def prompt(self) -> torch.Tensor:
+        return self.embedding.weight
+
+
+def init_token_ids(n: int, init: str, vocab_size: int, text_ids: list[int] | None = None) -> list[int] | None:
+    """The token ids whose embeddings start P (None for ``random``); call inside :func:`seeded`."""
+    if init == "random":
+        return None
+    if init == "vocab":
+        return torch.randint(0, vocab_size, (n,), dtype=torch.long).tolist()
+    if init == "text":
+        if not text_ids:
+            raise VirtualTokenError("prompt tuning init=text: init_text tokenises to no tokens")
+        return (text_ids * math.ceil(n / len(text_ids)))[:n]
+    raise VirtualTokenError(f"prompt tuning init={init!r} is not one of {INITS}")
+
+
+def apply_prompt_tuning(model, num_virtual_tokens: int, init: str = "random", init_text_ids: list[int] | None = None,
+                        seed: int | None = None) -> PromptTable | None:
+    """Freeze the model and add n virtual tokens (call on every stage); returns the first stage's table."""
+    n = int(num_virtual_tokens)
+
+    def make(gpt, device):
+        table = PromptTable(n, gpt.config.hidden_size, device=device)
+        ids = init_token_ids(n, init, gpt.vocab_size, init_text_ids)
+        if device != "meta":
+            with torch.no_grad():
+                if ids is None:
+                    nn.init.normal_(table.embedding.weight)
+                else:
+                    table.embedding.weight.copy_(vocab_rows(model, ids))
+        return table
+
+    return install(model, n, make, seed)
+
+
+# -- registry interface ------------------------------------------------------------------------------
+def apply_from_config(model, peft_cfg, model_cfg) -> None:
+    init = peft_cfg.get("init", "random")
+    text_ids = None
+    if init == "text":
+        from framework.data.tokenizer import Tokenizer
+        from framework.models import hub
+
+        text_ids = Tokenizer.from_dir(hub.tokenizer_dir(peft_cfg.text_tokenizer)).encode(str(peft_cfg.init_text))
+    apply_prompt_tuning(model, int(peft_cfg.num_virtual_tokens), init=init, init_text_ids=text_ids,
+                        seed=peft_cfg.get("seed"))
+
+
+def save(model, directory, peft_cfg, model_cfg, base=None):
+    src = prompt_source(model)
+    meta = {**plain_config(peft_cfg), "method": "prompt_tuning", "base": dict(base or {})}
+    with torch.no_grad():
+        return save_prompt_adapter(model, directory, meta, model_cfg, None if src is None else src.prompt())
+
+
+def load(model, directory, model_cfg) -> dict:
+    """Load a prompt table -- from prompt tuning, or the exported table of P-tuning -- at any layout."""
+    meta, table = read_prompt_adapter(directory, model, ("prompt_tuning", "ptuning"))
+    src = prompt_source(model)
+    if src is not None:
+        if not isinstance(src, PromptTable):
+            raise VirtualTokenError(f"{directory}: a prompt table loads into a prompt-tuning model "
+                                    f"(peft.method=prompt_tuning), this model has a {type(src).__name__}")
+        with torch.no_grad():
+            src.embedding.weight.copy_(table.to(src.embedding.weight))
+    return meta
+
+
+def config_problems(cfg, model_cfg) -> list[str]:
+    from framework.peft.virtual_tokens import config_problems as shared
+
+    peft = cfg.peft
+    problems = shared(cfg, model_cfg)
+    init = peft.get("init", "random")
+    if init not in INITS:
+        problems.append(f"peft.init={init!r} is not one of {list(INITS)}")
+    elif init == "text" and not peft.get("init_text"):
+        problems.append("peft.init=text needs peft.init_text (the text whose token embeddings start the prompt)")
+    return problems

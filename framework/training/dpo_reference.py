@@ -1,0 +1,110 @@
+"""DPO's reference model: where the reference log-probabilities of a micro-batch come from (``dpo.reference``).
+
+- ``adapters_disabled`` (the default for adapter methods): the policy network itself with its adapters
+  switched off (``framework.peft.wrapping.adapters_disabled``), a forward-only pass before the policy's.
+  The base weights are the reference: no second copy.
+- ``frozen_copy`` (the default for full fine-tuning): a second model of the same family, built at the same
+  TP/PP/SP layout and dtype, its weights copied from the policy's base weights before the first step, every
+  parameter frozen; no DDP, no gradients, no optimizer state, one more (sharded) copy of the weights.
+- ``precomputed``: before the first step, the reference log-probabilities of every training and validation
+  pair are computed once (by the policy as it starts, adapters off) into a [pairs, 2] table held by every
+  rank (float64, 16 bytes a pair); training then runs no reference forward at all. Each pair is computed by
+  one data-parallel rank (pairs ``i`` with ``i % DP == rank``) and the table is summed over all ranks, with
+  only the first TP rank of the last pipeline stage contributing.
+
+Each reference exposes ``attach(micro_batches, indices, split)``: it sets ``ref_logps`` (float32 [2m], the
+chosen rows first, as ``framework.data.preference.collate_pairs`` orders them) on every micro-batch of
+this rank; ``indices`` are the pair indices of each micro-batch in the ``split`` ("train" or
+"validation") data set. Off the last pipeline stage the values are zeros (only the last stage's loss reads
+them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from framework.training.dpo import sequence_logps
+
+
+def _zeros_like_rows(mb: dict) -> torch.Tensor:
+    return torch.zeros(mb["tokens"].shape[0], dtype=torch.float32)
+
+
+def _set(micro_batches: list[dict], logps: list[torch.Tensor] | None) -> None:
+    for i, mb in enumerate(micro_batches):
+        mb["ref_logps"] = _zeros_like_rows(mb) if logps is None else logps[i].float().cpu()
+
+
+class AdaptersDisabled:
+    """The policy with its adapters switched off."""
+
+    def __init__(self, model, precision: str):
+        self.model, self.precision = model, precision
+
+    def attach(self, micro_batches: list[dict], indices=None, split: str = "train") -> None:
+        from framework.peft.wrapping import adapters_disabled
+
+        with adapters_disabled(self.model):
+            _set(micro_batches, sequence_logps(self.model, micro_batches, self.precision))
+
+
+class FrozenCopy:
+    """A frozen second model holding the policy's starting base weights."""
+
+    def __init__(self, reference_model, precision: str):
+        self.model, self.precision = reference_model, precision
+
+    def attach(self, micro_batches: list[dict], indices=None, split: str = "train") -> None:
+        _set(micro_batches, sequence_logps(self.model, micro_batches, self.precision))
+
+
+def frozen_copy(policy, build):
+    """``build()`` a model of the same family and layout, copy the policy's base weights into it (adapter
+    tensors left out) and freeze it. Copying rather than loading the checkpoint again also makes a randomly
+    initialised policy (model.source=random) its own reference."""
+    from framework.peft.wrapping import is_adapter_key, unwrap
+
+    ref = build()
+    state = {k: v for k, v in unwrap(policy).state_dict().items() if not is_adapter_key(k)}
+    unwrap(ref).load_state_dict(state, strict=True)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
+
+
+class Precomputed:
+    """Reference log-probabilities looked up in tables computed once before training."""
+
+    def __init__(self, tables: dict[str, torch.Tensor]):
+        self.tables = tables  # split -> float64 [pairs, 2]: (chosen, rejected)
+
+    def attach(self, micro_batches: list[dict], indices, split: str = "train") -> None:
+        table = self.tables[split]
+        for mb, idx in zip(micro_batches, indices):
+            rows = table[torch.as_tensor(list(idx), dtype=torch.long)]
+            mb["ref_logps"] = torch.cat([rows[:, 0], rows[:, 1]]).float()
+
+
+def precompute_table(model, pairs, micro_batch_size: int, collate, precision: str) -> torch.Tensor:
+    """float64 [len(pairs), 2] reference log-probabilities of ``pairs`` (chosen, rejected) under ``model``
+    with its adapters off, the same on every rank. ``collate(list of pairs)`` makes a micro-batch."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from framework.peft.wrapping import adapters_disabled
+
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = list(range(rank, len(pairs), dp))
+    chunks = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    micro_batches = [collate([pairs[i] for i in c]) for c in chunks]
+    table = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    with adapters_disabled(model):
+        logps = sequence_logps(model, micro_batches, precision) if micro_batches else []
+    if logps is not None and ps.get_tensor_model_parallel_rank() == 0:
+        for c, lp in zip(chunks, logps):
+            m = len(c)
+            table[c, 0], table[c, 1] = lp[:m].double().cpu(), lp[m:].double().cpu()
+    device = next(model.parameters()).device
+    table = table.to(device)
+    dist.all_reduce(table)
+    return table.cpu()

@@ -1,0 +1,49 @@
+"""Preference-tune a model (DPO): python launch/dpo.py [KEY=VALUE ...]   (same under torchrun and srun)
+
+Examples:
+  python launch/dpo.py                                          # LoRA DPO of SmolLM2-135M on arithmetic pairs
+  python launch/dpo.py dpo.loss=ipo dpo.beta=0.5
+  python launch/dpo.py dpo.label_smoothing=0.1                  # conservative DPO
+  python launch/dpo.py dpo.sft_weight=1.0                       # + NLL on the chosen responses
+  python launch/dpo.py peft=none dpo.reference=precomputed      # full-parameter DPO, reference computed once
+  torchrun --nproc-per-node 3 launch/dpo.py parallel.tensor=3 parallel.sequence=true
+  python launch/dpo.py --cfg job                                # print the resolved configuration
+
+Keys (conf/dpo.yaml and the groups in conf/, with comments):
+  dpo.loss=sigmoid|robust|ipo, dpo.beta, dpo.label_smoothing, dpo.sft_weight,
+  dpo.reference=auto|adapters_disabled|frozen_copy|precomputed
+  data.train (JSONL: {"prompt", "chosen", "rejected"} or {"messages", "chosen", "rejected"}), data.validation
+  or data.validation_split, data.max_length, data.truncation_side, data.bad_records=error|skip
+  model=..., peft=lora|dora|ia3|adapter|qlora|none, parallel.tensor/pipeline/sequence, trainer.*, precision
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from launch.errors import exit_on_user_error  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="dpo")
+def _main(cfg: DictConfig) -> None:
+    from framework.runtime.logs import setup_logging
+
+    setup_logging()
+    from framework.training.dpo_job import run
+
+    with exit_on_user_error():
+        run(cfg)
+
+
+def main():
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        print(__doc__)
+    _main()
+
+
+if __name__ == "__main__":
+    main()
