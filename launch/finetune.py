@@ -8,14 +8,23 @@ Examples:
   torchrun --nproc-per-node 4 launch/finetune.py parallel.tensor=3 ...   # refused: 4 is not a multiple of 3
   python launch/finetune.py --cfg job                          # print the resolved configuration
 
-Keys (see conf/ for all, with comments):
-  model=smollm2_135m|tiny_llama   model.source, model.path, model.tokenizer
-  peft.rank, peft.alpha, peft.dropout, peft.rslora, peft.targets=[qkv,proj,fc1,fc2]
-  data.train, data.validation, data.max_length, data.truncation_side=left|right
-  parallel.tensor (TP), parallel.pipeline (PP), parallel.sequence (SP); data parallel = world / (TP x PP)
-  trainer.max_steps, trainer.global_batch_size, trainer.micro_batch_size, trainer.lr, trainer.min_lr,
-  trainer.warmup_steps, trainer.weight_decay, trainer.clip_grad, trainer.eval_interval, trainer.eval_samples
-  precision=fp32|bf16, seed, output_dir, adapter_name, generate.max_new_tokens, generate.sample
+Groups and keys (every file in conf/ is commented; `--cfg job` prints the resolved configuration):
+  model=smollm2_135m|tiny_llama|llama2_7b|llama3_8b|mistral_7b|mixtral_8x7b|gemma_7b|...
+        model.source=smollm2|hf|ckpt|random, model.path (HF dir, or our checkpoint dir/.tar), model.tokenizer
+  peft=lora|dora|ia3|adapter|prompt_tuning|ptuning|qlora|none (full fine-tuning)
+        lora/dora/qlora: peft.rank, peft.alpha, peft.dropout, peft.rslora, peft.targets=[qkv,proj,fc1,fc2,...]
+  data=humaneval|chat_example   data.train, data.validation | data.validation_split, data.test, data.format,
+        data.max_length, data.truncation_side=left|right, data.loss_on, data.packing, data.cache_dir
+  parallel.tensor (TP), parallel.pipeline (PP), parallel.sequence (SP), parallel.first_stage_layers,
+        parallel.last_stage_layers; data parallel = world / (TP x PP)
+  precision=fp32|bf16|fp8 (fp8.recipe=delayed|current; TE on Hopper only)
+  trainer.max_steps | trainer.max_epochs, global_batch_size, micro_batch_size, lr, min_lr, warmup_steps,
+        weight_decay, clip_grad, eval_interval, eval_samples, recompute=none|selective|full,
+        distributed_optimizer, save_interval, keep_last, resume=auto|never|PATH, early_stopping.patience,
+        early_stopping.min_delta, tensorboard, wandb.project
+  seed, output_dir, adapter_name, generate.max_new_tokens, generate.sample
+Related: launch/plan.py (memory per layout), launch/param_count.py, launch/generate.py, launch/evaluate.py,
+launch/dpo.py, launch/submit.py (Slurm), launch/prepare_data.py.
 """
 
 import os
