@@ -125,13 +125,13 @@ def _sources(sharded_state_dict: dict, model) -> dict[tuple[str, tuple], _Source
     """{(checkpoint key, global offset): source} for every main-replica ShardedTensor of ``model``'s
     parameters (after factories: their data are the parameters or views of them)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
 
     owners = {id(p): (n, p) for n, p in model.named_parameters()}
     out = {}
     for st in nested_values(sharded_state_dict):
-        if not isinstance(st, ShardedTensor) or st.data is None:
-            continue
+        if not isinstance(st, ShardedTensor) or st.data is None or not is_main_replica(st.replica_id):
+            continue  # replicas are not written (megatron keeps only the main one)
         data = st.data
         owner = owners.get(id(data)) or (owners.get(id(data._base)) if data._base is not None else None)
         if owner is None:

@@ -20,17 +20,6 @@ def activation(name: str):
             "relu": F.relu, "squared_relu": squared_relu}[name]
 
 
-# What the local layer spec cannot build yet, refused before any weight is touched.
-_NOT_BUILT: dict[str, str] = {}
-
-
-def _refuse_unbuilt(model: ModelConfig) -> None:
-    for field, what in _NOT_BUILT.items():
-        if getattr(model, field):
-            raise NotImplementedError(f"model.arch.{field}={getattr(model, field)!r}: {what} is not implemented "
-                                      f"in framework/models/gpt.py yet")
-
-
 def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
                        params_dtype: torch.dtype = torch.float32, on_gpu: bool = False, **settings):
     """``settings``: further TransformerConfig fields of the job (fp8 recipe, activation recompute:
@@ -209,7 +198,6 @@ def build_gpt(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
 
     from framework.runtime import cpu_compat
 
-    _refuse_unbuilt(model)
     cpu_compat.refresh()
     on_gpu = torch.cuda.is_available()
     config = transformer_config(model, tp, pp, sp, params_dtype, on_gpu, **settings)
