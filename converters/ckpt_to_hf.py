@@ -54,7 +54,7 @@ def _worker(ckpt_dir, out_dir, tp, pp, tokenizer, dtype, max_shard_bytes, progre
     cfg = model_config_of(ckpt_dir)  # convert() checked config.yaml and the files
     initialize(tp=tp, pp=pp)
     model = skeleton(cfg, tp=tp, pp=pp, dtype=DTYPES[dtype])
-    params = CheckpointParams(model, Path(ckpt_dir) / WEIGHTS_DIR, names=base_params(model))
+    params = CheckpointParams(model, Path(ckpt_dir) / WEIGHTS_DIR, params=base_params(model))
     return export_hf(model, out_dir, cfg, tokenizer_dir=tokenizer, dtype=dtype, max_shard_bytes=max_shard_bytes,
                      progress=progress, params=params)
 

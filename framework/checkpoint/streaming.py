@@ -159,7 +159,9 @@ class _HashingSink(io.RawIOBase):
         return n
 
     def close(self) -> None:
-        self.raw.flush()
+        if not self.closed and not self.raw.closed:
+            self.raw.flush()
+        super().close()
 
 
 def _writer_class():
@@ -353,32 +355,31 @@ def _without_prepended_axes(st):
 class CheckpointParams(Mapping):
     """{our parameter name: tensor} of a skeleton's stage, each read from ``weights_dir`` when looked up.
 
-    ``names``: the keys (default: the skeleton's parameters). Each lookup returns a new tensor with the
-    skeleton parameter's shape and dtype (stored values are cast); nothing is cached. No collectives: ranks
-    read independently. A checkpoint lacking the tensor or holding another global shape raises
-    CheckpointError naming the parameter.
+    ``params``: {name: the skeleton's (meta) tensor} to offer (default: the skeleton's parameters); each
+    lookup returns a new tensor with that tensor's shape and dtype (stored values are cast); nothing is
+    cached. No collectives: ranks read independently. A checkpoint lacking the tensor or holding another
+    global shape raises CheckpointError naming the parameter.
     """
 
-    def __init__(self, model, weights_dir, names=None):
+    def __init__(self, model, weights_dir, params: dict | None = None):
         from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
             CachedMetadataFileSystemReader)
 
         from framework.checkpoint.ckpt_format import base_sharded_state_dict
 
         self.weights_dir = Path(weights_dir)
-        self.params = dict(model.named_parameters())
+        self.params = dict(params) if params is not None else dict(model.named_parameters())
         self.sharded = base_sharded_state_dict(model)
-        self.names = list(names) if names is not None else list(self.params)
         self.reader = CachedMetadataFileSystemReader(str(self.weights_dir))  # .metadata read once
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.params)
 
     def __iter__(self):
-        return iter(self.names)
+        return iter(self.params)
 
     def __contains__(self, name) -> bool:
-        return name in self.names
+        return name in self.params
 
     def __getitem__(self, name: str) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp
@@ -389,8 +390,6 @@ class CheckpointParams(Mapping):
 
         from framework.checkpoint.ckpt_format import CheckpointError
 
-        if name not in self.names:
-            raise KeyError(name)
         param = self.params[name]
         value = torch.empty(param.shape, dtype=param.dtype)
         # the parameter's sharded entry (a ShardedTensor or a factory such as swiglu's) over ``value``:
