@@ -18,7 +18,9 @@ bytes are the sum of its parameters' bytes, what the checkpoint holds) and timed
 
 Reads start cold: the files are dropped from the page cache first (``posix_fadvise(DONTNEED)`` on our
 own files only). Writes are timed up to the return of the call (the kernel may still be flushing dirty
-pages; ``cp`` is timed the same way). Throughput = checkpoint bytes / wall seconds, 1 GB = 1e9 bytes.
+pages; ``cp`` is timed the same way). Every operation runs ``--repeats`` times (default 2; the first
+load of a process also pays one-time set-up) and the fastest counts. Throughput = checkpoint bytes /
+wall seconds, 1 GB = 1e9 bytes.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--ffn", type=int, default=4096, help="MLP intermediate size (default 4096)")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where to write (default the temp dir)")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each operation; the fastest counts (default 2)")
     p.add_argument("--no-reshard", action="store_true", help="skip the TP=2 -> TP=1 run")
     return p.parse_args(argv)
 
@@ -85,10 +88,18 @@ def _build(a, tp: int):
     return build_gpt(model_config(a), tp=tp)
 
 
-def _timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
+def _best(fn, repeats: int, before=None, after=None) -> float:
+    """Fastest of ``repeats`` timed calls of ``fn``; ``before`` / ``after`` run untimed around each."""
+    best = float("inf")
+    for _ in range(repeats):
+        if before:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        if after:
+            after()
+    return best
 
 
 def _single_process(a, work: Path) -> dict:
@@ -102,25 +113,28 @@ def _single_process(a, work: Path) -> dict:
     model = _build(a, 1)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     out = {"bytes": nbytes, "params": sum(p.numel() for p in model.parameters())}
-    ours, theirs = work / "ours", work / "megatron"
-    out["save (ours)"], _ = _timed(lambda: save_checkpoint(model, ours, cfg))
-    theirs.mkdir()
-    out["save (megatron)"], _ = _timed(lambda: dist_checkpointing.save(base_sharded_state_dict(model), str(theirs)))
+    ours, theirs, copy = work / "ours", work / "megatron", work / "copy"
+    r = a.repeats
+
+    def clear(*paths):
+        return lambda: [shutil.rmtree(x) for x in paths if x.exists()]
+
+    out["save (ours)"] = _best(lambda: save_checkpoint(model, ours, cfg), r, before=clear(ours))
+    out["save (megatron)"] = _best(lambda: dist_checkpointing.save(base_sharded_state_dict(model), str(theirs)), r,
+                                   before=lambda: (clear(theirs)(), theirs.mkdir()), after=clear(theirs))
     out["files"] = dir_bytes(ours / WEIGHTS_DIR)
-    drop_cache(ours)
-    out["cp"], _ = _timed(lambda: subprocess.run(["cp", "-r", str(ours / WEIGHTS_DIR), str(work / "copy")], check=True))
-    shutil.rmtree(work / "copy")
-    shutil.rmtree(theirs)
+    out["cp"] = _best(lambda: subprocess.run(["cp", "-r", str(ours / WEIGHTS_DIR), str(copy)], check=True), r,
+                      before=lambda: (clear(copy)(), drop_cache(ours)), after=clear(copy))
     want = param_sums(model)
     del model
     fresh = _build(a, 1)
     with torch.no_grad():
         for p in fresh.parameters():
             p.zero_()
-    drop_cache(ours)
-    out["load"], _ = _timed(lambda: load_checkpoint_into(fresh, ours, cfg, check_hashes=False))
-    drop_cache(ours)
-    out["load + SHA-256 check"], _ = _timed(lambda: load_checkpoint_into(fresh, ours, cfg, check_hashes=True))
+    out["load"] = _best(lambda: load_checkpoint_into(fresh, ours, cfg, check_hashes=False), r,
+                        before=lambda: drop_cache(ours))
+    out["load + SHA-256 check"] = _best(lambda: load_checkpoint_into(fresh, ours, cfg, check_hashes=True), r,
+                                        before=lambda: drop_cache(ours))
     got = param_sums(fresh)
     out["load ok"] = all(abs(got[n][0] - s) <= 1e-6 * max(1.0, abs(s)) for n, (s, _) in want.items())
     shutil.rmtree(ours)
@@ -132,7 +146,7 @@ def _save_tp2(a, ckpt: str) -> dict:
 
     model = _build(a, 2)
     sums = param_sums(model)
-    seconds, _ = _timed(lambda: save_checkpoint(model, ckpt, model_config(a)))
+    seconds = _best(lambda: save_checkpoint(model, ckpt, model_config(a)), a.repeats)
     return {"sums": sums, "seconds": seconds}
 
 
@@ -140,8 +154,8 @@ def _load_tp1(a, ckpt: str) -> dict:
     from framework.checkpoint.ckpt_format import load_checkpoint_into
 
     model = _build(a, 1)
-    drop_cache(Path(ckpt))
-    seconds, _ = _timed(lambda: load_checkpoint_into(model, ckpt, model_config(a), check_hashes=False))
+    seconds = _best(lambda: load_checkpoint_into(model, ckpt, model_config(a), check_hashes=False), a.repeats,
+                    before=lambda: drop_cache(Path(ckpt)))
     return {"sums": param_sums(model), "seconds": seconds}
 
 

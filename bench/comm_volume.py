@@ -131,16 +131,15 @@ class CollectiveCounter:
         import torch.distributed as dist
 
         sig = inspect.signature(orig)
+        buffer_param = list(sig.parameters)[self.BUFFER_ARG[name]]
         counter = self
 
         def wrapped(*args, **kwargs):
             if counter._depth == 0:
                 bound = sig.bind_partial(*args, **kwargs).arguments
-                group = bound.get("group")
-                size = dist.get_world_size(group)
+                size = dist.get_world_size(bound.get("group"))
                 if size > 1:
-                    buf = args[self.BUFFER_ARG[name]] if len(args) > self.BUFFER_ARG[name] else \
-                        list(bound.values())[self.BUFFER_ARG[name]]
+                    buf = bound[buffer_param]
                     tensors = buf if isinstance(buf, (list, tuple)) else [buf]
                     nbytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
                     counter.calls.append((counter._phase(), name, size, nbytes))
