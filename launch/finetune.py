@@ -32,28 +32,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from launch.errors import exit_on_user_error  # noqa: E402
+from launch.hydra_entry import hydra_entry  # noqa: E402
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
-def _main(cfg: DictConfig) -> None:
-    from framework.runtime.logs import setup_logging
-
-    setup_logging()
+def _run(cfg) -> None:
     from framework.training.finetune import run
 
-    with exit_on_user_error():
-        run(cfg)
+    run(cfg)
 
 
-def main():
-    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
-        print(__doc__)
-    _main()
-
+main = hydra_entry("finetune", __doc__, _run)
 
 if __name__ == "__main__":
     main()
