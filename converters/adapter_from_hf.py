@@ -2,7 +2,10 @@
 
 LoRA (incl. rsLoRA and DoRA) and IA3. HF's separate q/k/v (gate/up) LoRA pairs become our fused layers'
 shared-A form exactly: identical A's are kept, different ones are stacked into a LoRA of 3x (2x) the rank
-with block-diagonal B (see framework/checkpoint/peft_import.py). The architecture comes from --model: an
+with block-diagonal B (see framework/checkpoint/peft_import.py). Module names are the model family's
+(GPT-2's c_attn/c_proj/c_fc, Falcon's query_key_value/dense/..., Starcoder2's, Nemotron's, Mixtral's
+attention; framework/models/peft_names.py); a fused HF module (c_attn, query_key_value) maps to our fused
+layer as it is. The architecture comes from --model: an
 HF model directory (config.json) or our checkpoint (config.yaml, or a .tar of it). The result loads with
 framework/checkpoint/adapter.py load_adapter at any TP/PP, or as a job's adapter.
 """

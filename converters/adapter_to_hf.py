@@ -1,10 +1,12 @@
-"""Our trained LoRA adapter (adapter.safetensors + adapter.yaml) -> HF PEFT directory.
+"""Our trained LoRA / DoRA / IA3 adapter (adapter.safetensors + adapter.yaml) -> HF PEFT directory.
 
-Writes adapter_config.json (peft_type LORA, r, lora_alpha, target_modules, use_rslora,
-base_model_name_or_path, ...) and adapter_model.safetensors with PEFT's key names
-(base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, ...), which
-``peft.PeftModel.from_pretrained(base_model, OUT_DIR)`` loads. Every key the adapter's config implies must
-be present once with its expected shape; anything else is an error naming the tensor.
+Writes adapter_config.json (peft_type LORA or IA3, r, lora_alpha, target_modules, use_rslora, use_dora,
+fan_in_fan_out, base_model_name_or_path, ...) and adapter_model.safetensors with PEFT's key names for the
+model's family (Llama: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight; GPT-2:
+base_model.model.transformer.h.{i}.attn.c_attn.lora_A.weight; Falcon: ...self_attention.query_key_value...),
+which ``peft.PeftModel.from_pretrained(base_model, OUT_DIR)`` loads. Every decoder family exports (Mixtral:
+attention only, its experts are not adapted). Every key the adapter's config implies must be present once
+with its expected shape; anything else is an error naming the tensor.
 """
 
 from __future__ import annotations

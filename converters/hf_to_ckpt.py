@@ -52,13 +52,15 @@ def check_hf_tensors(hf_dir, model_cfg, progress: bool = True) -> dict:
     from framework.checkpoint.safetensors_files import open_safetensors
 
     from framework.checkpoint.hf_export import hf_shapes
-    from framework.checkpoint.hf_import import HFImportError, deepest_stack, safetensors_index
+    from framework.checkpoint.hf_import import HFImportError, deepest_stack, safetensors_index, table_names
     from framework.models import weight_table as wt
     from framework.models.registry import get_family
 
-    index = safetensors_index(hf_dir)
     want = hf_shapes(model_cfg)
     family = get_family(model_cfg.family)
+    index = safetensors_index(hf_dir)
+    stored = table_names(index, family)  # the table's names (a bare GPT2Model save lacks 'transformer.')
+    index = {name: index[as_stored] for name, as_stored in stored.items()}
     rules = family.rules(model_cfg.tie_word_embeddings, model_cfg)
     by_file: dict = {}
     for name, path in index.items():
@@ -75,7 +77,7 @@ def check_hf_tensors(hf_dir, model_cfg, progress: bool = True) -> dict:
             with open_safetensors(path, HFImportError) as f:
                 present = set(f.keys())
                 for name in names:
-                    if name not in present:
+                    if stored[name] not in present:
                         raise HFImportError(f"HF tensor {name!r} is listed in the index for {path.name} but "
                                             f"that file does not hold it")
                     try:
@@ -86,7 +88,7 @@ def check_hf_tensors(hf_dir, model_cfg, progress: bool = True) -> dict:
                     if kind is None:
                         raise HFImportError(f"HF tensor {name!r} in {path.name} is not a {family.name} weight "
                                             f"known to the name table (framework/models/families/{family.name}.py)")
-                    sl = f.get_slice(name)
+                    sl = f.get_slice(stored[name])
                     shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
                     if dtype not in sizes:
                         raise HFImportError(f"HF tensor {name!r} has dtype {dtype}, not a float type")

@@ -1,5 +1,5 @@
 """StarCoder (gpt_bigcode: GPT-2 with multi-query attention and nn.Linear weights): logits equal
-transformers' at TP=1, TP=2+SP (multi-head case: megatron's TP splits whole KV heads), PP=2 (3 layers);
+transformers' at TP=1, TP=2+SP (multi-query: the KV head replicated on both ranks), PP=2 (3 layers);
 HF -> ours -> HF bitwise; unsupported config values refused by key."""
 
 from __future__ import annotations
@@ -35,19 +35,19 @@ def cases(tmp_path_factory):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("tp,pp,sp", [(1, 1, False), (2, 1, True), (1, 2, False)], ids=["tp1", "tp2-sp", "pp2"])
 def test_gpt_bigcode_logits_match_transformers(cases, tp, pp, sp):
-    if tp > 1:
-        cases = [c for c in cases if not c[0].startswith("mqa")]
-    check_parity(cases, tp, pp, sp)
+    check_parity(cases, tp, pp, sp)  # multi-query at TP=2: the KV head replicated (framework/models/kv_replication.py)
 
 
-def test_gpt_bigcode_multi_query_refuses_tp2_by_key():
+def test_gpt_bigcode_multi_query_takes_tp2_and_refuses_tp3_by_key():
     from framework.models.layout import LayoutError, check_layout
     from framework.models.registry import config_from_hf
 
     cfg = config_from_hf(_config().to_dict())
     assert cfg.num_query_groups == 1
-    with pytest.raises(LayoutError, match=r"parallel\.tensor=2 .* 1 KV heads"):
-        check_layout(cfg, tp=2, pp=1)
+    check_layout(cfg, tp=2, pp=1)
+    check_layout(cfg, tp=4, pp=1)
+    with pytest.raises(LayoutError, match=r"parallel\.tensor=3 does not divide the model's 4 query heads"):
+        check_layout(cfg, tp=3, pp=1)
 
 
 @pytest.mark.timeout(300)

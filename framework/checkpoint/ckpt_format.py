@@ -10,9 +10,10 @@ mixture. ``config.yaml`` also records the size of every file under ``weights/``,
 missing file is reported by name before megatron reads anything.
 
 Loading (:func:`load_checkpoint_into`) works at any layout: build the model at the wanted TP/PP and
-dist_checkpointing reads each rank's shards of the global tensors (resharding on load). LoRA-wrapped
-models keep the base keys of their ``sharded_state_dict`` unchanged; their ``lora_A``/``lora_B`` keys
-are not part of base weights and are left alone.
+dist_checkpointing reads each rank's shards of the global tensors (resharding on load). KV heads
+replicated over TP ranks are written once, as the true tensor's head blocks (framework/models/kv_replication.py).
+LoRA-wrapped models keep the base keys of their ``sharded_state_dict`` unchanged; their ``lora_A``/``lora_B``
+keys are not part of base weights and are left alone.
 """
 
 from __future__ import annotations

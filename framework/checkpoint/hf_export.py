@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from framework.checkpoint.atomic import publish, temp_dir_beside
+from framework.models import kv_replication
 from framework.models import weight_table as wt
 from framework.models.config import ModelConfig
 
@@ -222,8 +223,10 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
                 if sorted(offered) != list(range(tp)):
                     raise HFExportError(f"parameter {ours!r}: TP shards {sorted(offered)} offered, not 0..{tp - 1}")
                 try:
-                    values = wt.invert_transform(rule, [offered[r] for r in range(tp)],
-                                                 dataclasses.replace(ctx, tp_size=tp))
+                    shards = [offered[r] for r in range(tp)]
+                    if kv_replication.is_fused_qkv(ours):  # KV heads replicated over TP: one copy of each
+                        shards = kv_replication.dereplicate_rows(shards, ctx.num_heads, ctx.num_groups)
+                    values = wt.invert_transform(rule, shards, dataclasses.replace(ctx, tp_size=len(shards)))
                 except ValueError as e:
                     raise HFExportError(f"parameter {ours!r}: {e}") from None
                 if duplicate:

@@ -3,7 +3,8 @@
 Every rank reads only what its pipeline stage needs, one tensor at a time with plain file reads
 (framework/checkpoint/safetensors_stream.py; no memory map, so the resident set holds the tensors in
 flight, never the file), and keeps its own tensor-parallel shard (the family's table,
-framework/models/families/, through the shared transforms of framework/models/weight_table.py).
+framework/models/families/, through the shared transforms of framework/models/weight_table.py; with more TP
+ranks than KV heads, fused qkv rows with each KV head replicated: framework/models/kv_replication.py).
 :class:`HFWeights` computes one parameter on demand (the streaming converter writes each straight to
 the checkpoint); :func:`load_hf_into_gpt` fills a whole model stage with it. Strict in both directions:
 
@@ -13,7 +14,8 @@ the checkpoint); :func:`load_hf_into_gpt` fills a whole model stage with it. Str
   every tensor this stage needs is present.
 
 Any violation raises :class:`HFImportError` naming the tensor and the parameter; nothing is loaded
-partially without an error.
+partially without an error. A checkpoint of the bare base model (GPT-2's ``GPT2Model``, tensors without
+the ``transformer.`` prefix) is read through :func:`table_names`.
 
 Tied embeddings: with ``tie_word_embeddings`` and one pipeline stage, megatron's output layer has no
 weight of its own (it multiplies by ``embedding.word_embeddings.weight``). With several stages the last
@@ -24,12 +26,14 @@ all-reducing their gradients); here both copies are filled from ``model.embed_to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
 import torch
 
+from framework.models import kv_replication
 from framework.models import weight_table as wt
 from framework.models.config import ModelConfig, arch_mismatches
 
@@ -119,6 +123,16 @@ def _check_config(hf_dir: Path, model_cfg: ModelConfig):
     return family
 
 
+def table_names(index: dict, family) -> dict[str, str]:
+    """{tensor name as the family's table spells it: name as stored} for the names of ``index``. A save of
+    the bare base model (transformers' ``GPT2Model``: no LM head, tied) names every tensor without the
+    family's ``base_prefix`` (``transformer.``); such a checkpoint is read as if it had it."""
+    prefix = family.base_prefix
+    if prefix and index and not any(name.startswith(prefix) for name in index):
+        return {prefix + name: name for name in index}
+    return {name: name for name in index}
+
+
 def shard_context(model_cfg: ModelConfig, tp_rank: int, tp_size: int) -> wt.ShardContext:
     return wt.ShardContext(tp_rank=tp_rank, tp_size=tp_size, num_heads=model_cfg.num_attention_heads,
                            num_groups=model_cfg.num_query_groups, head_dim=model_cfg.kv_channels)
@@ -144,7 +158,9 @@ class HFWeights:
         self.hf_dir = hf_dir = Path(hf_dir)
         family = _check_config(hf_dir, model_cfg)
         gpt = _unwrap(gpt_model)
-        self.index = index = safetensors_index(hf_dir)
+        stored = safetensors_index(hf_dir)
+        self.stored = table_names(stored, family)  # a bare base-model save lacks the table's prefix
+        self.index = index = {name: stored[as_stored] for name, as_stored in self.stored.items()}
         tied = model_cfg.tie_word_embeddings
         rules = family.rules(tied, model_cfg)
         self.offsets = offsets = {stack_of(r): layer_offset(gpt, stack_of(r)) for r in rules if r.per_layer}
@@ -200,10 +216,10 @@ class HFWeights:
         """Parameter ``ours`` of this rank (its TP shard), in the parameter's dtype and shape."""
         rule, hf_names = self.plan[ours]
         param = self.params[ours]
-        tensors = [self.reader.read(self.index[n], n) for n in hf_names]
+        tensors = [self.reader.read(self.index[n], self.stored[n]) for n in hf_names]
         self.hf_tensors_read += len(tensors)
         try:
-            value = wt.apply_transform(rule, tensors, self.ctx)
+            value = self._transform(ours, rule, tensors)
         except Exception as e:
             shapes = [tuple(t.shape) for t in tensors]
             raise HFImportError(f"cannot convert HF tensor(s) {hf_names} with shapes {shapes} into "
@@ -215,6 +231,14 @@ class HFWeights:
                 f"{tuple(value.shape)} on TP rank {self.ctx.tp_rank}/{self.ctx.tp_size}, but parameter {ours!r} "
                 f"is {tuple(param.shape)}")
         return value.to(dtype=param.dtype)
+
+    def _transform(self, ours: str, rule: wt.WeightRule, tensors: list) -> torch.Tensor:
+        """This rank's shard; fused qkv rows with KV heads replicated over TP are cut from the whole tensor."""
+        ctx = self.ctx
+        if not (kv_replication.is_fused_qkv(ours) and ctx.tp_size > ctx.num_groups):
+            return wt.apply_transform(rule, tensors, ctx)
+        full = wt.apply_transform(rule, tensors, dataclasses.replace(ctx, tp_rank=0, tp_size=1))
+        return kv_replication.replicate_rows(full, ctx.num_heads, ctx.num_groups, ctx.tp_size, ctx.tp_rank)
 
     def close(self) -> None:
         self.reader.close()

@@ -1,12 +1,15 @@
 """Our adapter directory (adapter.safetensors + adapter.yaml, see adapter.py) -> a Hugging Face PEFT directory.
 
     OUT/adapter_config.json         peft_type LORA (LoRA, rsLoRA, DoRA: use_dora) or IA3, task_type CAUSAL_LM,
-                                    r, lora_alpha, lora_dropout, target_modules, use_rslora, ...
+                                    r, lora_alpha, lora_dropout, target_modules, use_rslora, fan_in_fan_out, ...
     OUT/adapter_model.safetensors   base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, ...
 
-Our adapters are already unsharded with HF module names and PEFT's shapes (A [r, in], B [out, r]) and our
-scaling is PEFT's (alpha / r, or alpha / sqrt(r) with rslora), so the export renames keys and checks them:
-every key the adapter's config implies must be present exactly once with its shape, and nothing else.
+Our adapters are already unsharded with the family's HF module names and PEFT's shapes (A [r, in], B [out, r],
+rows in HF's order: adapter.py) and our scaling is PEFT's (alpha / r, or alpha / sqrt(r) with rslora), so the
+export renames keys and checks them: every key the adapter's config implies must be present exactly once with
+its shape, and nothing else. ``target_modules``, ``fan_in_fan_out`` (GPT-2's Conv1D) and IA3's
+``feedforward_modules`` and ``task_type`` come from the family's HF PEFT names (framework/models/peft_names.py,
+through the registry); Mixtral's adapters have no fc1/fc2 (its experts are not wrapped).
 ``peft.PeftModel.from_pretrained(hf_model, OUT)`` loads the result.
 """
 
@@ -16,15 +19,14 @@ import json
 import time
 from pathlib import Path
 
-from framework.checkpoint.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter_config, shapes_for
+from framework.checkpoint.adapter import (CONFIG_NAME, WEIGHTS_NAME, AdapterError, feedforward_modules, peft_names,
+                                          read_adapter_config, shapes_for, target_modules)
 from framework.checkpoint.atomic import atomic_directory
 from framework.models.config import ModelConfig
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-# Families whose HF modules carry Llama's names (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj).
-LLAMA_NAMED_FAMILIES = ("llama", "mistral", "qwen2", "gemma")
 
 
 class PeftExportError(AdapterError):
@@ -34,11 +36,15 @@ class PeftExportError(AdapterError):
 def peft_config_dict(meta: dict, base_model_name_or_path: str | None) -> dict:
     """adapter_config.json for our adapter.yaml: LORA (use_dora for DoRA) or IA3."""
     method = meta.get("method", "lora")
-    common = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-              "target_modules": sorted(meta["target_modules"]), "inference_mode": True, "modules_to_save": None}
+    model = meta.get("model") or {}
+    family = model.get("family", "llama")
+    names = peft_names(family)
+    modules = target_modules(method, meta["targets"], model.get("gated_linear_unit", True), family)
+    common = {"task_type": names.task_type, "base_model_name_or_path": base_model_name_or_path,
+              "target_modules": sorted(modules), "inference_mode": True, "modules_to_save": None}
     if method == "ia3":
-        return {"peft_type": "IA3", **common, "feedforward_modules": ["down_proj"] if "fc2" in meta["targets"] else [],
-                "fan_in_fan_out": False, "init_ia3_weights": True}
+        return {"peft_type": "IA3", **common, "feedforward_modules": feedforward_modules(meta["targets"], family),
+                "fan_in_fan_out": names.fan_in_fan_out, "init_ia3_weights": True}
     if method not in ("lora", "dora"):
         raise PeftExportError(f"{method!r} adapters have no Hugging Face PEFT equivalent to export to")
     return {
@@ -49,7 +55,7 @@ def peft_config_dict(meta: dict, base_model_name_or_path: str | None) -> dict:
         "lora_dropout": float(meta.get("dropout") or 0.0),
         "use_rslora": bool(meta.get("rslora", False)),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": names.fan_in_fan_out,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -85,11 +91,11 @@ def export_peft(adapter_dir, out_dir, base_model_name_or_path: str | None = None
         model_cfg = ModelConfig.from_dict(meta["model"])
     except (TypeError, ValueError) as e:
         raise PeftExportError(f"{adapter_dir / CONFIG_NAME}: bad 'model' section: {e}") from None
-    if model_cfg.family not in LLAMA_NAMED_FAMILIES:
-        raise PeftExportError(f"{adapter_dir}: a {model_cfg.family} adapter; the HF PEFT export writes Llama module "
-                              f"names (q_proj, ..., down_proj), which only {list(LLAMA_NAMED_FAMILIES)} use. The "
-                              f"adapter itself loads at any layout with framework/checkpoint/adapter.py")
-    want = shapes_for(meta, model_cfg)
+    try:
+        peft_names(model_cfg.family)
+        want = shapes_for(meta, model_cfg)
+    except AdapterError as e:
+        raise PeftExportError(f"{adapter_dir}: cannot export: {e}") from None
     weights = adapter_dir / WEIGHTS_NAME
     if not weights.is_file():
         raise PeftExportError(f"{weights} not found")

@@ -17,6 +17,15 @@ computes exactly HF's update (the extra rows and columns are zeros); training it
 blocks move, which HF's structure would not. IA3 vectors map one to one. DoRA imports only when every
 module of a fused group is targeted (a magnitude of an untargeted module would need the base weights).
 Anything else in the config (rank/alpha patterns, layers_to_transform, biases, modules_to_save) is refused.
+
+Module names are the family's (framework/models/peft_names.py, through the registry): ``target_modules`` are
+matched as HF PEFT matches them (a module whose name is an entry or ends with ``.`` + an entry, so GPT-2's
+``c_proj`` selects ``attn.c_proj`` and ``mlp.c_proj``), and must select a module in every layer or in none.
+A fused HF module (GPT-2's ``c_attn``, Falcon's ``query_key_value``, ...) is one of our layers already: its
+tensors are taken as they are (adapter.py reorders their rows on load). IA3 on such a module must leave its
+query rows at one (ours scales keys and values only); ``feedforward_modules`` must be exactly fc2's module.
+``fan_in_fan_out`` is accepted for Conv1D families (GPT-2), where HF PEFT sets it anyway. Modules we do not
+wrap (Mixtral's experts and router) are refused with the reason.
 """
 
 from __future__ import annotations
@@ -27,14 +36,15 @@ from pathlib import Path
 
 import torch
 
-from framework.checkpoint.adapter import (FORMAT_VERSION, HF_MODULES, IA3_MODULES, AdapterError, _write_atomically,
-                                          check_adapter_tensors, target_modules)
+from framework.checkpoint.adapter import (FORMAT_VERSION, AdapterError, _write_atomically, check_adapter_tensors,
+                                          hf_module, layer_prefix, peft_names, target_modules)
+from framework.models.peft_names import LAYER_TARGETS
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_MODULE_TARGET = {m.split(".")[-1]: t for t, mods in HF_MODULES.items() for m in mods}
-_REFUSED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save", "layer_replication")
+_REFUSED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save", "layer_replication",
+            "exclude_modules", "target_parameters")
 
 
 class PeftImportError(AdapterError):
@@ -56,41 +66,95 @@ def _read(peft_dir: Path) -> tuple[dict, dict]:
     return cfg, tensors
 
 
-def _check_config(cfg: dict, path: Path) -> str:
+def _matches(module: str, entries) -> bool:
+    """HF PEFT's rule: a module is targeted when its name is an entry or ends with '.' + an entry."""
+    return module in entries or any(module.endswith("." + e) for e in entries)
+
+
+class _Selection:
+    """Which of the family's HF modules a list of module names (target_modules, feedforward_modules) selects,
+    in every layer alike."""
+
+    def __init__(self, entries, key: str, path: Path, model_cfg):
+        if isinstance(entries, str):
+            raise PeftImportError(f"{path}: {key} is a regex ({entries!r}); give a list of module names")
+        self.entries, self.key, self.path, self.cfg = list(entries or []), key, path, model_cfg
+        self.used: set[str] = set()
+
+    def layer_module(self, module: str) -> bool:
+        """Whether ``module`` (under a layer) is selected; refused when only some layers are."""
+        fam, hits = self.cfg.family, []
+        for i in range(self.cfg.num_layers):
+            full = layer_prefix(fam, i) + module
+            hits.append(_matches(full, self.entries))
+            self.used.update(e for e in self.entries if full == e or full.endswith("." + e))
+        if any(hits) and not all(hits):
+            raise PeftImportError(f"{self.path}: {self.key} {self.entries} select {module} in layers "
+                                  f"{[i for i, h in enumerate(hits) if h]} only; our adapters cover every layer")
+        return all(hits) and bool(hits)
+
+    def model_module(self, module: str) -> bool:
+        hit = [e for e in self.entries if module == e or module.endswith("." + e)]
+        self.used.update(hit)
+        return bool(hit)
+
+    def check_all_used(self, known) -> None:
+        """Every entry selected something; otherwise name why (a module we do not wrap) or what is known."""
+        names = peft_names(self.cfg.family)
+        for e in self.entries:
+            if e in self.used:
+                continue
+            why = next((w for m, w in names.unsupported.items() if e == m or e.endswith("." + m)), None)
+            if why:
+                raise PeftImportError(f"{self.path}: {self.key} has {e!r}: {why}")
+            raise PeftImportError(f"{self.path}: {self.key} {[e]} have no counterpart in our {self.cfg.family} "
+                                  f"model; known: {sorted(known)}")
+
+
+def _check_config(cfg: dict, path: Path, model_cfg) -> str:
     kind = cfg.get("peft_type")
     if kind not in ("LORA", "IA3"):
         raise PeftImportError(f"{path}: peft_type={kind!r}; LORA (incl. rsLoRA, DoRA) and IA3 import")
+    try:
+        names = peft_names(model_cfg.family)
+    except AdapterError as e:
+        raise PeftImportError(f"{path}: {e}") from None
     for key in _REFUSED:
         if cfg.get(key):
             raise PeftImportError(f"{path}: {key}={cfg[key]!r} is not supported (one setting for every layer)")
     if cfg.get("bias", "none") != "none":
         raise PeftImportError(f"{path}: bias={cfg['bias']!r}; only bias='none' adapters import")
-    if cfg.get("fan_in_fan_out"):
-        raise PeftImportError(f"{path}: fan_in_fan_out=true (Conv1D bases) is not supported")
-    modules = cfg.get("target_modules") or []
-    if isinstance(modules, str):
-        raise PeftImportError(f"{path}: target_modules is a regex ({modules!r}); give a list of module names")
-    unknown = [m for m in modules if m not in _MODULE_TARGET]
-    if unknown:
-        raise PeftImportError(f"{path}: target_modules {unknown} have no counterpart in our model; known: "
-                              f"{sorted(_MODULE_TARGET)}")
+    if cfg.get("fan_in_fan_out") and not names.fan_in_fan_out:
+        raise PeftImportError(f"{path}: fan_in_fan_out=true (Conv1D bases) is not supported: {model_cfg.family}'s "
+                              f"modules are nn.Linear")
     return "ia3" if kind == "IA3" else ("dora" if cfg.get("use_dora") else "lora")
 
 
-def _lora_groups(tensors: dict, cfg: dict, model_cfg, r: int, dora: bool):
+def _known(model_cfg, method: str) -> list[str]:
+    names = peft_names(model_cfg.family)
+    mods = list(names.ia3.values()) if method == "ia3" else names.all_modules()
+    return [names.target_name(m) for m in dict.fromkeys(mods)]
+
+
+def _lora_groups(tensors: dict, sel: _Selection, model_cfg, dora: bool):
     """{target: {layer: [(module, A or None, B or None, magnitude or None), ...]}} for the targeted groups."""
-    modules = set(cfg["target_modules"])
-    targets = [t for t in HF_MODULES if t not in ("embedding", "output") and modules & {m.split(".")[-1] for m in HF_MODULES[t]}]
-    if modules & {"embed_tokens", "lm_head"}:
-        raise PeftImportError("LoRA on embed_tokens / lm_head does not import yet; adapt only the linear layers")
+    names = peft_names(model_cfg.family)
+    if sel.model_module(names.embedding) or sel.model_module(names.output):
+        raise PeftImportError(f"LoRA on {names.target_name(names.embedding)} / {names.target_name(names.output)} "
+                              f"does not import yet; adapt only the linear layers")
+    modules = {t: hf_module(t, model_cfg.gated_linear_unit, model_cfg.family).names
+               for t in LAYER_TARGETS if names.module(t, model_cfg.gated_linear_unit) is not None}
+    selected = {t: [sel.layer_module(m) for m in mods] for t, mods in modules.items()}
+    sel.check_all_used(_known(model_cfg, "lora"))
+    targets = [t for t in modules if any(selected[t])]
     groups = {}
     for t in targets:
         groups[t] = {}
         for i in range(model_cfg.num_layers):
             entries = []
-            for m in HF_MODULES[t]:
-                p = f"model.layers.{i}.{m}"
-                if m.split(".")[-1] in modules:
+            for m, on in zip(modules[t], selected[t]):
+                p = layer_prefix(model_cfg.family, i) + m
+                if on:
                     a, b = tensors.pop(f"{p}.lora_A.weight", None), tensors.pop(f"{p}.lora_B.weight", None)
                     if a is None or b is None:
                         raise PeftImportError(f"{p}.lora_{'A' if a is None else 'B'}.weight is missing")
@@ -123,37 +187,76 @@ def _fuse(entries, r: int, fan_in: int):
     return A, Bs
 
 
+def _check_ia3_fused_queries(key: str, vector: torch.Tensor, model_cfg) -> None:
+    """IA3 on a fused qkv module: the query rows must be one (ours scales keys and values only)."""
+    from framework.checkpoint.hf_import import shard_context
+    from framework.models import weight_table as wt
+    from framework.models.fused_layout import split_qkv
+
+    rows = peft_names(model_cfg.family).targets["qkv"].rows
+    ours = wt.TRANSFORMS[rows].forward([vector.reshape(-1)], shard_context(model_cfg, 0, 1)) if rows else vector
+    q, _, _ = split_qkv(ours.reshape(-1), model_cfg.num_attention_heads, model_cfg.num_query_groups)
+    if not torch.all(q == 1):
+        raise PeftImportError(f"{key} scales query rows (max |l_q - 1| = {(q - 1).abs().max().item():.3g}); our IA3 "
+                              f"scales keys and values only, so only adapters with l_q = 1 import")
+
+
+def _import_ia3(tensors: dict, cfg: dict, path: Path, model_cfg) -> tuple[list[str], dict]:
+    names, fam = peft_names(model_cfg.family), model_cfg.family
+    sel = _Selection(cfg.get("target_modules"), "target_modules", path, model_cfg)
+    ff = _Selection(cfg.get("feedforward_modules"), "feedforward_modules", path, model_cfg)
+    targets = [t for t in ("k", "v", "fc2") if t in names.ia3 and sel.layer_module(names.ia3[t])]
+    sel.check_all_used(_known(model_cfg, "ia3"))
+    for t in targets:
+        if ff.layer_module(names.ia3[t]) != (t == "fc2"):
+            raise PeftImportError(f"{path}: feedforward_modules must be exactly fc2's module "
+                                  f"{names.target_name(names.ia3['fc2'])!r}: ours scales its input, and the "
+                                  f"outputs of the key/value modules")
+    ff.check_all_used(_known(model_cfg, "ia3"))
+    out = {}
+    for t in targets:
+        for i in range(model_cfg.num_layers):
+            key = f"{layer_prefix(fam, i)}{names.ia3[t]}.ia3_l"
+            if key in out:
+                continue  # keys and values in one fused module
+            if key not in tensors:
+                raise PeftImportError(f"{key} is missing from {path.parent / PEFT_WEIGHTS}")
+            out[key] = tensors.pop(key)
+            if t != "fc2" and names.ia3_fused():
+                _check_ia3_fused_queries(key, out[key], model_cfg)
+    if names.ia3_fused() and any(t in targets for t in ("k", "v")):
+        targets = ["k", "v"] + [t for t in targets if t == "fc2"]  # the fused vector covers both
+    return targets, out
+
+
 def import_peft(peft_dir, out_dir, model_cfg, base: dict | None = None) -> dict:
     """Write our adapter for ``model_cfg`` (its config.json/config.yaml architecture) from an HF PEFT
     directory; returns the adapter.yaml contents."""
     from framework.checkpoint.adapter import expected_shapes
 
     peft_dir, out_dir = Path(peft_dir), Path(out_dir)
+    if peft_names(model_cfg.family).stacks:  # T5: two stacks and a cross-attention, which this import does not map
+        raise AdapterError(f"{peft_dir}: importing HF PEFT adapters of the encoder-decoder {model_cfg.family} is not "
+                           f"implemented (our T5 adapters, trained by the job, export to HF PEFT)")
     cfg, tensors = _read(peft_dir)
-    method = _check_config(cfg, peft_dir / PEFT_CONFIG)
+    method = _check_config(cfg, peft_dir / PEFT_CONFIG, model_cfg)
+    fam, gated = model_cfg.family, model_cfg.gated_linear_unit
     meta = {"format_version": FORMAT_VERSION, "method": method,
             "base": dict(base or {"name": cfg.get("base_model_name_or_path")}), "model": model_cfg.to_dict(),
             "imported_from": str(peft_dir)}
     if method == "ia3":
-        wanted = {"k_proj": "k", "v_proj": "v", "down_proj": "fc2"}
-        targets = [t for m, t in wanted.items() if m in cfg["target_modules"]]
-        out = {}
-        for t in targets:
-            for i in range(model_cfg.num_layers):
-                key = f"model.layers.{i}.{IA3_MODULES[t]}.ia3_l"
-                if key not in tensors:
-                    raise PeftImportError(f"{key} is missing from {peft_dir / PEFT_WEIGHTS}")
-                out[key] = tensors.pop(key)
-        meta.update(targets=targets, target_modules=target_modules("ia3", targets))
+        targets, out = _import_ia3(tensors, cfg, peft_dir / PEFT_CONFIG, model_cfg)
+        meta.update(targets=targets, target_modules=target_modules("ia3", targets, gated, fam))
     else:
         r = int(cfg["r"])
         scale = float(cfg["lora_alpha"]) / (math.sqrt(r) if cfg.get("use_rslora") else r)
-        targets, groups = _lora_groups(tensors, cfg, model_cfg, r, method == "dora")
+        sel = _Selection(cfg.get("target_modules"), "target_modules", peft_dir / PEFT_CONFIG, model_cfg)
+        targets, groups = _lora_groups(tensors, sel, model_cfg, method == "dora")
         want = expected_shapes(model_cfg, targets, 1, method)  # rank 1: read fan-in/fan-out from the shapes
         fused = {}
         for t in targets:
             for i, entries in groups[t].items():
-                fan_in = want[f"model.layers.{i}.{entries[0][0]}.lora_A.weight"][1]
+                fan_in = want[f"{layer_prefix(fam, i)}{entries[0][0]}.lora_A.weight"][1]
                 fused[(t, i)] = _fuse(entries, r, fan_in)
         R = max(A.shape[0] for A, _ in fused.values())
         out = {}
@@ -161,7 +264,7 @@ def import_peft(peft_dir, out_dir, model_cfg, base: dict | None = None) -> dict:
             A_pad = torch.zeros(R, A.shape[1], dtype=A.dtype)
             A_pad[:A.shape[0]] = A
             for (m, _, _, mag), b in zip(groups[t][i], Bs):
-                p = f"model.layers.{i}.{m}"
+                p = f"{layer_prefix(fam, i)}{m}"
                 fan_out = want[f"{p}.lora_B.weight"][0]
                 B = torch.zeros(fan_out, R, dtype=A.dtype)
                 if isinstance(b, tuple):  # block-diagonal placement (j, out, b)
@@ -176,7 +279,7 @@ def import_peft(peft_dir, out_dir, model_cfg, base: dict | None = None) -> dict:
         alpha = scale * (math.sqrt(R) if cfg.get("use_rslora") else R)
         meta.update(rank=R, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0),
                     rslora=bool(cfg.get("use_rslora")), targets=targets,
-                    target_modules=target_modules(method, targets), hf_rank=r)
+                    target_modules=target_modules(method, targets, gated, fam), hf_rank=r)
     if tensors:
         raise PeftImportError(f"{peft_dir / PEFT_WEIGHTS} holds {len(tensors)} tensor(s) the config does not "
                               f"explain, first {sorted(tensors)[0]}")

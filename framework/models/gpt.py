@@ -7,7 +7,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from framework.models import rope
+from framework.models import kv_replication, rope
 from framework.models.config import ModelConfig
 from framework.models.norms import norm_class
 
@@ -40,7 +40,7 @@ def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = 
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
+        num_query_groups=kv_replication.built_groups(model, tp),  # KV heads replicated when TP exceeds them
         kv_channels=model.kv_channels,
         layernorm_epsilon=model.norm_eps,
         normalization=model.normalization,
@@ -201,10 +201,12 @@ def build_gpt(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
     cpu_compat.refresh()
     on_gpu = torch.cuda.is_available()
     config = transformer_config(model, tp, pp, sp, params_dtype, on_gpu, **settings)
+    spec = layer_spec(config, use_te=te_available(),
+                      parallel_norms=model.parallel_attention_mlp_norms if model.parallel_attention_mlp else 0)
+    kv_replication.init_as_unreplicated(spec, model, tp)  # random weights as at TP=1 with KV heads replicated
     gpt = _gpt_class()(
         config=config,
-        transformer_layer_spec=layer_spec(config, use_te=te_available(), parallel_norms=(
-            model.parallel_attention_mlp_norms if model.parallel_attention_mlp else 0)),
+        transformer_layer_spec=spec,
         vocab_size=model.vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -221,4 +223,5 @@ def build_gpt(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
         scale_embeddings(gpt.embedding, model.embedding_multiplier)
     if on_gpu:
         gpt.cuda(torch.cuda.current_device())
+    kv_replication.install(gpt, model, tp, parallel_state.get_tensor_model_parallel_rank())
     return gpt

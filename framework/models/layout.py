@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from framework.models.config import ModelConfig
+from framework.models.kv_replication import layout_problem
 
 
 class LayoutError(ValueError):
@@ -44,6 +45,14 @@ def split_problems(num_layers: int, pp: int, first: int | None, last: int | None
     return []
 
 
+def tp_sizes(model: ModelConfig) -> list[int]:
+    """Tensor-parallel sizes the model's shapes split into: dividing the query heads, the vocabulary and the
+    MLP, and dividing the KV heads or a multiple of them (framework/models/kv_replication.py)."""
+    return [k for k in divisors(model.num_attention_heads)
+            if not layout_problem(model.num_attention_heads, model.num_query_groups, k)
+            and model.vocab_size % k == 0 and model.ffn_hidden_size % k == 0]
+
+
 def check_layout(model: ModelConfig, tp: int, pp: int, sp: bool = False, world_size: int | None = None,
                  first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> None:
     """Raise LayoutError naming the parallel.* key, why, and which sizes would work."""
@@ -51,17 +60,14 @@ def check_layout(model: ModelConfig, tp: int, pp: int, sp: bool = False, world_s
     heads, groups = model.num_attention_heads, model.num_query_groups
     if tp < 1 or pp < 1:
         problems.append(f"parallel.tensor={tp} and parallel.pipeline={pp} must be >= 1")
-    elif heads % tp or groups % tp:
-        ok = [k for k in divisors(groups) if heads % k == 0]
-        problems.append(
-            f"parallel.tensor={tp} does not divide the model's {heads} query heads and {groups} KV heads "
-            f"(each TP rank must hold whole query groups); tensor-parallel sizes that work: {ok}")
+    elif layout_problem(heads, groups, tp):
+        problems.append(f"{layout_problem(heads, groups, tp)}; tensor-parallel sizes that work: {tp_sizes(model)}")
     elif model.vocab_size % tp:
-        ok = [k for k in divisors(groups) if heads % k == 0 and model.vocab_size % k == 0]
         problems.append(f"parallel.tensor={tp} does not divide the vocabulary size {model.vocab_size}; "
-                        f"sizes that work: {ok}")
+                        f"sizes that work: {tp_sizes(model)}")
     elif model.ffn_hidden_size % tp:
-        problems.append(f"parallel.tensor={tp} does not divide ffn_hidden_size={model.ffn_hidden_size}")
+        problems.append(f"parallel.tensor={tp} does not divide ffn_hidden_size={model.ffn_hidden_size}; "
+                        f"sizes that work: {tp_sizes(model)}")
     if pp > model.num_layers:
         problems.append(f"parallel.pipeline={pp} exceeds the model's {model.num_layers} layers (every stage "
                         f"needs at least one)")

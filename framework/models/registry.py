@@ -1,8 +1,8 @@
 """Model families: how each maps a Hugging Face config and weights onto a megatron-core model.
 
 A family is a module of data and small functions (framework/models/families/: its HF ``model_type``
-names, ``config_from_hf``, ``hf_config``, ``hf_shapes``, the weight table) plus ``build`` (ModelConfig +
-layout -> this rank's megatron model stage). New families add an entry here; nothing else dispatches on
+names, ``config_from_hf``, ``hf_config``, ``hf_shapes``, the weight table, its HF PEFT names) plus
+``build`` (ModelConfig + layout -> this rank's megatron model stage). New families add an entry here; nothing else dispatches on
 family names.
 """
 
@@ -33,11 +33,14 @@ class Family:
     ignored: tuple
     build: Callable
     weights_for: Callable[[ModelConfig], tuple] | None = None  # a table that depends on more than tying (T5)
+    peft: object = None  # PEFT: HF PEFT module names (framework/models/peft_names.py PeftNames)
+    base_prefix: str | None = None  # BASE_MODEL_PREFIX: tensor names of a bare base-model save lack it
 
     @classmethod
     def of(cls, name: str, module: types.ModuleType, build: Callable = build_gpt) -> "Family":
         return cls(name, module.HF_MODEL_TYPES, module.config_from_hf, module.hf_config, module.hf_shapes,
-                   module.WEIGHTS, module.IGNORED, build, getattr(module, "weights_for", None))
+                   module.WEIGHTS, module.IGNORED, build, getattr(module, "weights_for", None),
+                   getattr(module, "PEFT", None), getattr(module, "BASE_MODEL_PREFIX", None))
 
     def rules(self, tied: bool, cfg: ModelConfig | None = None) -> list:
         """The rules of a (tied or untied) checkpoint; a family with ``weights_for`` needs ``cfg``."""

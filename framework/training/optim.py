@@ -10,6 +10,8 @@ def wrap_ddp(model, use_distributed_optimizer: bool = False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
+    from framework.models import kv_replication
+
     config = model.config
     ddp = DistributedDataParallel(
         config=config,
@@ -20,7 +22,7 @@ def wrap_ddp(model, use_distributed_optimizer: bool = False):
     )
     # The schedule calls these: finalisation all-reduces DP/SP/embedding grads and divides by the
     # global number of target tokens.
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = kv_replication.with_tied_copies(finalize_model_grads)  # + KV copies' grads
     config.no_sync_func = ddp.no_sync
     return ddp
 
@@ -43,6 +45,9 @@ def build_optimizer(ddp_model, trainer, precision: str = "fp32", total_steps: in
         ),
         [ddp_model],
     )
+    from framework.models.kv_replication import count_copies_once
+
+    count_copies_once(opt, ddp_model)  # a KV head replicated over TP counts once in the grad norm
     steps = int(trainer.max_steps if total_steps is None else total_steps)
     warmup = min(int(trainer.warmup_steps), steps - 1)
     sched = OptimizerParamScheduler(

@@ -18,7 +18,8 @@ else 1 with ``multi_query`` (Falcon-7B) or one per query head without.
 new architecture: rows viewed as [groups, n/g + 2, d], i.e. per KV group its n/g query heads, then k, v;
 multi-query: [q_0 .. q_{n-1}, k, v], one group; multi-head: [q_h, k_h, v_h] per head. Each is exactly
 megatron's fused ``linear_qkv`` layout (query-group major), so the weight (and bias) is sharded like any
-column-parallel weight. Multi-query models take TP=1 only (megatron's TP splits whole KV heads).
+column-parallel weight. At more TP ranks than KV heads (multi-query) each KV head is replicated over
+the ranks that use it (framework/models/kv_replication.py).
 
 Other config: ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``, ``ffn_hidden_size`` (null:
 4 x hidden), ``layer_norm_epsilon``, ``activation`` (gelu; a non-gated MLP dense_h_to_4h -> dense_4h_to_h),
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 from framework.models.config import ModelConfig
 from framework.models.families import gpt2, llama
+from framework.models.peft_names import PeftModule, PeftNames
 from framework.models.weight_table import WeightRule
 
 HF_MODEL_TYPES = ("falcon",)
@@ -186,3 +188,12 @@ WEIGHTS = tuple(dict.fromkeys(
                        {"parallel_attention_mlp": True, "parallel_attention_mlp_norms": 2})
     for rule in weights_for(ModelConfig(family="falcon", add_bias_linear=True, **shape))))
 IGNORED: tuple[tuple[str, str | None], ...] = (("lm_head.weight", "tied"),)
+
+# HF PEFT names (framework/models/peft_names.py): query_key_value is megatron's fused order, so LoRA's B rows
+# shard like its weight ("column"); IA3 on keys/values scales query_key_value whole (query rows one).
+PEFT = PeftNames(
+    layer=H,
+    targets={"qkv": PeftModule((_LINEARS[0],), "column"), "proj": PeftModule((_LINEARS[1],)),
+             "fc1": PeftModule((_LINEARS[2],), "column"), "fc2": PeftModule((_LINEARS[3],))},
+    ia3={"k": _LINEARS[0], "v": _LINEARS[0], "fc2": _LINEARS[3]},
+    embedding="transformer.word_embeddings")

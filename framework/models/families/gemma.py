@@ -59,3 +59,4 @@ def hf_shapes(cfg: ModelConfig) -> dict:
 
 WEIGHTS = llama.WEIGHTS
 IGNORED = llama.IGNORED
+PEFT = llama.PEFT

@@ -27,6 +27,7 @@ pieces; :func:`layer_norm_rules` serves every LayerNorm family.
 from __future__ import annotations
 
 from framework.models.config import ModelConfig
+from framework.models.peft_names import PeftModule, PeftNames
 from framework.models.families import llama
 from framework.models.weight_table import WeightRule
 
@@ -226,6 +227,25 @@ def gpt2_like_table(qkv: str, qkv_bias: str, column: str, row: str) -> tuple[Wei
 
 
 WEIGHTS = gpt2_like_table("conv1d_qkv_packed", "qkv_packed", "conv1d_column", "conv1d_row")
+
+# A checkpoint of the bare ``GPT2Model`` (no LM head: tied) has the same names without this prefix (HF's
+# ``base_model_prefix``); framework/checkpoint/hf_import.py reads either.
+BASE_MODEL_PREFIX = "transformer."
+
+
+def gpt2_like_peft(qkv_rows: str, fan_in_fan_out: bool) -> PeftNames:
+    """HF PEFT module names of GPT-2 style models (framework/models/peft_names.py): one module per target;
+    ``qkv_rows``: the transform of c_attn's rows (its bias rule's), IA3 on keys/values scales c_attn whole."""
+    return PeftNames(
+        layer=H,
+        targets={"qkv": PeftModule(("attn.c_attn",), qkv_rows), "proj": PeftModule(("attn.c_proj",)),
+                 "fc1": PeftModule(("mlp.c_fc",), "column"), "fc2": PeftModule(("mlp.c_proj",))},
+        ia3={"k": "attn.c_attn", "v": "attn.c_attn", "fc2": "mlp.c_proj"},
+        embedding="transformer.wte", fan_in_fan_out=fan_in_fan_out)
+
+
+# c_attn's LoRA B rows (and DoRA's magnitude) are packed [q; k; v] like the weight: "qkv_packed", as its bias.
+PEFT = gpt2_like_peft("qkv_packed", fan_in_fan_out=True)
 
 IGNORED: tuple[tuple[str, str | None], ...] = (
     (H + "attn.bias", None),         # causal-mask buffers saved by old transformers versions

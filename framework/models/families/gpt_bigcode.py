@@ -6,8 +6,8 @@ head when true, one per query head when false); the default activation is ``gelu
 Weights as GPT-2's but ``nn.Linear`` ([out, in], no transposes). ``c_attn`` needs no reordering: with
 ``multi_query`` its rows are [q (n heads); k; v] (one KV head), which is megatron's fused layout with one
 query group; without, HF views them per head as [q_h; k_h; v_h], megatron's layout with n groups. So
-``c_attn`` is sharded like any column-parallel weight. Multi-query models take TP=1 only (megatron's TP
-splits whole KV heads; framework/models/layout.py refuses other sizes by name).
+``c_attn`` is sharded like any column-parallel weight. At TP > 1 the multi-query KV head is replicated on
+every rank (framework/models/kv_replication.py).
 """
 
 from __future__ import annotations
@@ -42,3 +42,6 @@ def hf_shapes(cfg: ModelConfig) -> dict:
 
 WEIGHTS = gpt2.gpt2_like_table("column", "column", "column", "row")
 IGNORED = gpt2.IGNORED
+BASE_MODEL_PREFIX = gpt2.BASE_MODEL_PREFIX
+# c_attn is already in megatron's order: its LoRA B rows shard like the weight ("column")
+PEFT = gpt2.gpt2_like_peft("column", fan_in_fan_out=False)

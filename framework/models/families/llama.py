@@ -20,7 +20,7 @@ lm_head vocab-parallel, norms replicated. Mistral and Qwen2 reuse this module's 
 
 from __future__ import annotations
 
-from framework.models import rope
+from framework.models import peft_names, rope
 from framework.models.config import ModelConfig
 from framework.models.weight_table import WeightRule
 
@@ -192,6 +192,10 @@ DENSE_MLP: tuple[WeightRule, ...] = (
 )
 
 WEIGHTS: tuple[WeightRule, ...] = EMBEDDING_AND_HEAD[:1] + ATTENTION + DENSE_MLP + EMBEDDING_AND_HEAD[1:]
+
+# HF PEFT module names of our LoRA/DoRA/IA3 targets (framework/models/peft_names.py): q/k/v split from the
+# fused qkv rows as the "qkv" rule above splits the weight, gate/up as "gate_up".
+PEFT = peft_names.llama_names()
 
 # HF tensors that carry no weights of ours: RoPE caches of old checkpoints, and lm_head when it is a
 # (redundant) copy of the tied embedding.

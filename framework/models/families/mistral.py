@@ -44,3 +44,4 @@ def hf_shapes(cfg: ModelConfig) -> dict:
 
 WEIGHTS = llama.WEIGHTS
 IGNORED = llama.IGNORED
+PEFT = llama.PEFT

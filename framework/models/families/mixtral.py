@@ -12,6 +12,7 @@ released models; a set one is read into ``sliding_window``.
 from __future__ import annotations
 
 from framework.models.config import ModelConfig
+from framework.models import peft_names
 from framework.models.families import llama
 from framework.models.weight_table import WeightRule
 
@@ -61,3 +62,14 @@ MOE: tuple[WeightRule, ...] = (
 
 WEIGHTS = llama.EMBEDDING_AND_HEAD[:1] + llama.ATTENTION + MOE + llama.EMBEDDING_AND_HEAD[1:]
 IGNORED = llama.IGNORED
+
+# HF PEFT names: attention and embedding/lm_head as Llama's. Our PEFT wraps a layer's dense linear_fc1 /
+# linear_fc2 only; an MoE layer has none (megatron's experts.local_experts.{e}.linear_fc1/2 and the router are
+# never wrapped), so LoRA/DoRA on fc1/fc2 and IA3 on fc2 have no Mixtral counterpart, nor do HF adapters on
+# the experts (w1/w2/w3) or the router (gate).
+_MOE = ("Mixtral's MLP is a mixture of experts: our PEFT methods wrap dense MLPs only (linear_fc1/linear_fc2), "
+        "not the experts (block_sparse_moe.experts.{e}.w1/w2/w3) or the router; adapt qkv/proj (q/k/v/o_proj)")
+PEFT = peft_names.llama_names(
+    targets={t: m for t, m in llama.PEFT.targets.items() if t in ("qkv", "proj")}, plain_fc1=None,
+    ia3={"k": "self_attn.k_proj", "v": "self_attn.v_proj"}, refused={"fc1": _MOE, "fc2": _MOE},
+    unsupported={"w1": _MOE, "w2": _MOE, "w3": _MOE, "gate": _MOE, "block_sparse_moe": _MOE})

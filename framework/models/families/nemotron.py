@@ -80,3 +80,4 @@ def weights_for(cfg: ModelConfig) -> tuple[WeightRule, ...]:
 # Every rule (with biases); the registry takes a config's own from weights_for.
 WEIGHTS = starcoder2.layernorm_llama_table(True, "mlp.up_proj", "mlp.down_proj")
 IGNORED = llama.IGNORED
+PEFT = starcoder2.layernorm_llama_peft("mlp.up_proj", "mlp.down_proj")

@@ -40,3 +40,4 @@ def hf_shapes(cfg: ModelConfig) -> dict:
 WEIGHTS = llama.EMBEDDING_AND_HEAD[:1] + llama.ATTENTION + (llama.QKV_BIAS,) + llama.DENSE_MLP \
     + llama.EMBEDDING_AND_HEAD[1:]
 IGNORED = llama.IGNORED
+PEFT = llama.PEFT

@@ -16,6 +16,7 @@ replicated. Without ``use_bias`` the bias rules drop out of the table.
 from __future__ import annotations
 
 from framework.models.config import ModelConfig
+from framework.models import peft_names
 from framework.models.families import gpt2, llama
 from framework.models.weight_table import WeightRule
 
@@ -88,3 +89,14 @@ def weights_for(cfg: ModelConfig) -> tuple[WeightRule, ...]:
 # Every rule (with biases); the registry takes a config's own from weights_for.
 WEIGHTS = layernorm_llama_table(True, "mlp.c_fc", "mlp.c_proj")
 IGNORED = llama.IGNORED
+
+
+def layernorm_llama_peft(fc1: str, fc2: str) -> peft_names.PeftNames:
+    """HF PEFT names of :func:`layernorm_llama_table` checkpoints: Llama's attention, the non-gated MLP's
+    ``fc1``/``fc2``."""
+    mlp = {"fc1": peft_names.PeftModule((fc1,), "column"), "fc2": peft_names.PeftModule((fc2,))}
+    return peft_names.llama_names(targets={**llama.PEFT.targets, **mlp}, plain_fc1=None,
+                                  ia3={**llama.PEFT.ia3, "fc2": fc2})
+
+
+PEFT = layernorm_llama_peft("mlp.c_fc", "mlp.c_proj")
