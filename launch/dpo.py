@@ -13,7 +13,10 @@ Keys (conf/dpo.yaml and the groups in conf/, with comments):
   dpo.loss=sigmoid|robust|ipo, dpo.beta, dpo.label_smoothing, dpo.sft_weight,
   dpo.reference=auto|adapters_disabled|frozen_copy|precomputed
   data.train (JSONL: {"prompt", "chosen", "rejected"} or {"messages", "chosen", "rejected"}), data.validation
-  or data.validation_split, data.max_length, data.truncation_side, data.bad_records=error|skip
+  or data.validation_split, data.max_length, data.truncation_side, data.bad_records=error|skip,
+  data.packing (whole pairs packed into rows of 2 x data.max_length)
+  trainer.save_interval, trainer.keep_last, trainer.resume=auto|never|PATH, trainer.steps_per_run,
+  trainer.early_stopping.* (checkpoints and resume as launch/finetune.py: re-run the command to continue)
   model=..., peft=lora|dora|ia3|adapter|qlora|none, parallel.tensor/pipeline/sequence, trainer.*, precision
 """
 

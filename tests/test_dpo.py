@@ -12,6 +12,8 @@ names). TRL 1.16 has no label-smoothed sigmoid loss; conservative DPO is checked
 ``(2 - 2e) sigmoid - (1 - 2e) robust`` combination, an identity (framework/training/dpo.py).
 
 Layouts: the same loss, metrics and LoRA gradients at TP=2+SP, PP=2 and DP=2 as in one process.
+Packing: pairs packed two to a row give the unpacked loss, metrics and gradients (1e-5) at TP=1, TP=2+SP and
+PP=2 (LoRA), and TRL's with full parameters (frozen copy at TP=2+SP, precomputed log-probs).
 Learning: a short LoRA run on the bundled arithmetic pairs raises the training reward accuracy well above
 chance. Data: the bad-record kinds are errors naming file:line or counted skips; truncation keeps one
 prompt for both rows; chat records render with the chat template.
@@ -172,9 +174,10 @@ def _build(path, tp, pp, sp):
 
 
 def _ours_worker(tp, pp, sp, micro, policy_dir, variants, out_root, adapter_dir=None, reference_dir=None,
-                 reference_kind="adapters_disabled"):
+                 reference_kind="adapters_disabled", packed_length=None):
     """Our DPO step on the fixed batch for each variant: {variant: metrics}; gradients written under
-    out_root/variant as an adapter (LoRA) or an HF checkpoint (full fine-tuning)."""
+    out_root/variant as an adapter (LoRA) or an HF checkpoint (full fine-tuning). With ``packed_length`` the
+    pairs are packed into bins of that many positions (``micro`` bins a micro-batch), as the job packs them."""
     from framework.checkpoint.adapter import load_adapter, save_adapter
     from framework.checkpoint.hf_export import export_hf
     from framework.data.preference import collate_pairs
@@ -202,9 +205,17 @@ def _ours_worker(tp, pp, sp, micro, policy_dir, variants, out_root, adapter_dir=
             table = ref.precompute_table(base, pairs, micro, lambda ps_: collate_pairs(ps_, PAD, tp if sp else 1),
                                          "fp32")
             reference = ref.Precomputed({"train": table})
+    bins = None
+    if packed_length:
+        from framework.data.packing import pack
+        from framework.data.preference import pair_positions
+
+        bins = pack([pair_positions(p) for p in pairs], packed_length)
+        assert len(bins) < len(pairs)  # rows really hold several pairs
     out = {}
     for variant in variants:
-        batches, idx = pair_batches(list(range(len(pairs))), pairs, micro, PAD, rt)
+        batches, idx = pair_batches(list(range(len(pairs) if bins is None else len(bins))), pairs, micro, PAD, rt,
+                                    bins, packed_length)
         reference.attach(batches, idx, "train")
         metrics = dpo_forward_backward(ddp, batches, DPOOptions(**VARIANTS[variant][0]))
         out[variant] = metrics.__dict__
@@ -319,14 +330,18 @@ def test_lora_matches_trl(models, lora_single, variant):
     ("precomputed", 1, 1, False, 1, 2),
     ("frozen_copy", 2, 1, True, 2, 2),    # TP=2 + SP: the copy sharded like the policy
     ("precomputed", 1, 1, False, 2, 1),   # DP=2: each rank precomputes half the pairs
-], ids=["frozen_copy", "precomputed", "frozen_copy-tp2-sp", "precomputed-dp2"])
-def test_full_parameters_match_trl(models, tmp_path, reference_kind, tp, pp, sp, world, micro):
+    ("precomputed", 1, 1, False, 1, 1),   # packed pairs, the table looked up per packed pair
+    ("frozen_copy", 2, 1, True, 2, 1),    # packed pairs at TP=2 + SP
+], ids=["frozen_copy", "precomputed", "frozen_copy-tp2-sp", "precomputed-dp2", "precomputed-packed",
+        "frozen_copy-packed-tp2-sp"])
+def test_full_parameters_match_trl(models, tmp_path, request, reference_kind, tp, pp, sp, world, micro):
     """Full fine-tuning: TRL with a reference model; ours with a frozen copy or precomputed log-probs.
     Every weight's gradient (embedding, norms, output layer included) equals TRL's."""
     variants = ["sigmoid", "ipo"]
+    packed = PACKED_LENGTH if "packed" in request.node.callspec.id else None
     results = run_distributed(_ours_worker, world, tp, pp, sp, micro, str(models / "policy"), variants,
                               str(tmp_path), reference_dir=str(models / "base"), reference_kind=reference_kind,
-                              timeout=250)
+                              packed_length=packed, timeout=250)
     for variant in variants:
         loss, metrics, grads = trl_full_reference(str(models / "base"), str(models / "policy"), _examples(), variant)
         for ours in results:
@@ -347,13 +362,58 @@ def test_layouts_match_single_process(models, lora_single, tmp_path, tp, pp, sp,
     variants = ["sigmoid", "ipo"]
     results = run_distributed(_ours_worker, world, tp, pp, sp, micro, str(models / "base"), variants, str(tmp_path),
                               adapter_dir=str(models / "adapter"), timeout=250)
+    _assert_same_as_single(results, lora_single, models, tmp_path, variants, 1e-6,
+                           f"TP={tp} PP={pp} SP={sp} DP={world // (tp * pp)}")
+
+
+def _assert_same_as_single(results, lora_single, models, grad_root, variants, tol, what):
+    """Every rank's metrics and the LoRA gradients under ``grad_root`` equal the single process's (unpacked)."""
     for rank, res in enumerate(results):
         for variant in variants:
             for k, v in lora_single[variant].items():
-                assert res[variant][k] == pytest.approx(v, rel=1e-6, abs=1e-6), f"rank {rank} {variant} {k}"
+                assert res[variant][k] == pytest.approx(v, rel=tol, abs=tol), f"{what} rank {rank} {variant} {k}"
     for variant in variants:
-        _assert_grads(_adapter_grads(tmp_path / variant), _adapter_grads(models / "lora_single" / variant),
-                      f"{variant} at TP={tp} PP={pp} SP={sp} DP={world // (tp * pp)}")
+        _assert_grads(_adapter_grads(grad_root / variant), _adapter_grads(models / "lora_single" / variant),
+                      f"{variant} at {what}")
+
+
+# --- packing ---------------------------------------------------------------------------------------------------
+
+# The four pairs take 14, 23, 13 and 21 positions: bins of 36 hold two pairs each ({23, 13} and {21, 14}).
+PACKED_LENGTH = 36
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tp,pp,sp,world", [(1, 1, False, 1), (2, 1, True, 2), (1, 2, False, 2)],
+                         ids=["tp1", "tp2-sp", "pp2"])
+def test_packed_pairs_match_unpacked(models, lora_single, tmp_path, tp, pp, sp, world):
+    """Pairs packed two to a row (one bin a micro-batch, so two micro-batches): loss, rewards, log-probs and
+    every LoRA gradient equal the unpacked single process within 1e-5, for sigmoid, IPO (per-token means:
+    the target counts are per segment) and the SFT term (the chosen segments' NLL); the reference (adapters
+    disabled) is computed on the packed rows too."""
+    variants = ["sigmoid", "ipo", "sigmoid+sft"]
+    results = run_distributed(_ours_worker, world, tp, pp, sp, 1, str(models / "base"), variants, str(tmp_path),
+                              adapter_dir=str(models / "adapter"), packed_length=PACKED_LENGTH, timeout=250)
+    _assert_same_as_single(results, lora_single, models, tmp_path, variants, 1e-5, f"packed, TP={tp} PP={pp} SP={sp}")
+
+
+def test_packed_pairs_by_hand():
+    """Two pairs in one row: sequences side by side (chosen, rejected, chosen, rejected), positions restarting,
+    ``sequence_index`` naming the unpacked order (chosen 0, chosen 1, rejected 0, rejected 1), padding the
+    discarded slot 4; the mask keeps each sequence to itself."""
+    from framework.data.preference import PreferencePair, collate_packed_pairs
+    from framework.data.sample import Sample
+
+    a = PreferencePair(Sample([1, 10, 11], [0, 1, 1]), Sample([1, 20], [0, 1]))
+    b = PreferencePair(Sample([1, 30], [0, 1]), Sample([1, 40, 41, 42], [0, 1, 1, 1]))
+    batch = collate_packed_pairs([[a, b]], pad_id=0, seq_length=9)
+    assert batch["tokens"].tolist() == [[1, 10, 1, 1, 1, 40, 41, 0, 0]]
+    assert batch["labels"].tolist() == [[10, 11, 20, 30, 40, 41, 42, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 0, 0, 1, 2, 0, 0]]
+    assert batch["sequence_index"].tolist() == [[0, 0, 2, 1, 3, 3, 3, 4, 4]]
+    assert int(batch["pairs"]) == 2
+    allowed = ~batch["attention_mask"][0, 0]
+    assert allowed[6].tolist() == [False] * 4 + [True] * 3 + [False] * 2  # rejected of b sees only itself
 
 
 def _disabled_worker(base_dir):
@@ -498,7 +558,6 @@ def test_smollm2_generalises_to_held_out_pairs(tmp_path):
     (["peft=none", "dpo.reference=adapters_disabled"], "dpo.reference=adapters_disabled needs an adapter method"),
     (["peft=prompt_tuning"], "preference tuning supports full fine-tuning (none) and the layer-wrapping adapters"),
     (["data.bad_records=ignore"], "data.bad_records='ignore': expected one of error, skip"),
-    (["data.packing=true"], "data.packing=true is not supported for preference data"),
     (["data=humaneval"], "launch/dpo.py trains on preference pairs (data.format=preference"),
 ])
 def test_bad_dpo_config_is_refused(tiny_tokenizer_dir, overrides, needle):

@@ -34,6 +34,17 @@ Bad records. These kinds follow ``data.bad_records``: ``error`` (default) stops 
 
 Anything else malformed (invalid JSON, a response of the wrong type, a malformed message) is always an
 error naming file and line.
+
+Batches. Unpacked (``collate_pairs``): a micro-batch of ``m`` pairs is ``2m`` rows, the ``m`` chosen rows
+first, then the rejected ones in the same order; sequence ``k`` is row ``k``. Packed (``data.packing``,
+``collate_packed_pairs``): whole pairs go into bins (``framework.data.packing.pack`` over each pair's
+positions, chosen plus rejected), each bin one row holding its pairs' sequences side by side (chosen 1,
+rejected 1, chosen 2, ...) with ``collate_packed``'s block-diagonal mask and restarting positions, so every
+sequence sees only itself and its log-probabilities are those of the unpacked row. A pair's two sequences
+always share a row, hence a micro-batch (where its loss is computed). ``sequence_index`` [rows, s] names
+each position's sequence in the unpacked order (the ``j``-th pair of the micro-batch: chosen ``j``,
+rejected ``m + j``; padding ``2m``, a slot that is discarded), so per-sequence sums are taken per segment
+and everything downstream sees ``2m`` sequences in the same order either way; ``pairs`` holds ``m``.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
+
+import torch
 
 from framework.data.errors import DataError
 from framework.data.jsonl import read_jsonl, type_name
@@ -269,9 +282,35 @@ def check_preference_options(data) -> list[str]:
     length = data.get("max_length")
     if isinstance(length, bool) or not isinstance(length, int) or length < 3:
         problems.append(f"data.max_length={length!r}: expected an integer >= 3 (a token, a response token and eos)")
-    if data.get("packing", False):
-        problems.append("data.packing=true is not supported for preference data yet; set data.packing=false")
     return problems
+
+
+def pair_positions(pair: PreferencePair) -> int:
+    """Positions a pair takes in a packed row: both of its sequences after the label shift."""
+    from framework.data.packing import sample_positions
+
+    return sample_positions(pair.chosen) + sample_positions(pair.rejected)
+
+
+def collate_packed_pairs(bins: list[list[PreferencePair]], pad_id: int, seq_length: int) -> dict:
+    """One micro-batch of packed bins: ``collate_packed``'s tensors over each bin's sequences (chosen and
+    rejected of each pair side by side), plus ``sequence_index`` (int64 [rows, s]) and ``pairs`` (int64, 0-d):
+    see the module docstring."""
+    from framework.data.packing import collate_packed, sample_positions
+
+    batch = collate_packed([[s for p in b for s in (p.chosen, p.rejected)] for b in bins], pad_id, seq_length)
+    m = sum(len(b) for b in bins)
+    index = torch.full((len(bins), seq_length), 2 * m, dtype=torch.long)
+    j = 0
+    for r, b in enumerate(bins):
+        at = 0
+        for p in b:
+            for k, s in ((j, p.chosen), (m + j, p.rejected)):
+                n = sample_positions(s)
+                index[r, at:at + n] = k
+                at += n
+            j += 1
+    return batch | {"sequence_index": index, "pairs": torch.tensor(m)}
 
 
 def collate_pairs(pairs: list[PreferencePair], pad_id: int, pad_to_multiple_of: int = 1, seq_length: int | None = None):

@@ -29,6 +29,12 @@ targets. Megatron's schedule backpropagates each micro-batch's *sum* of pair los
 pre-scaled by (global pairs / global chosen target tokens), both known from the batch indices, so the
 division leaves it a per-token mean. The reference log-probabilities come in with each micro-batch as
 ``ref_logps`` [2m] (framework/training/dpo_reference.py computes them).
+
+Packing (``data.packing``). A packed micro-batch holds whole pairs in rows of several sequences
+(framework/data/preference.py, ``collate_packed_pairs``); the model gets its block-diagonal
+``attention_mask`` and per-sequence ``position_ids``, and every per-sequence sum (log-probabilities, target
+counts) is taken over the positions ``sequence_index`` assigns to that sequence instead of over a row, in
+the same chosen-first order of ``2m`` sequences; the rest of the step is unchanged.
 """
 
 from __future__ import annotations
@@ -170,28 +176,46 @@ def _metrics(reduced: list[dict], device, sft_weight: float) -> DPOMetrics:
                       pairs=round(n / ps.get_tensor_model_parallel_world_size()))
 
 
+def num_pairs(micro_batch: dict) -> int:
+    """Pairs in a micro-batch: half its rows, or ``pairs`` of a packed one."""
+    if "pairs" in micro_batch:
+        return int(micro_batch["pairs"])
+    return micro_batch["tokens"].shape[0] // 2
+
+
+def sequence_sums(values: torch.Tensor, batch: dict, m: int) -> torch.Tensor:
+    """[2m] sums of ``values`` [rows, s] over each sequence, chosen first: a row of an unpacked micro-batch,
+    the positions ``sequence_index`` assigns to it in a packed one (padding goes to a discarded slot 2m)."""
+    index = batch.get("sequence_index")
+    if index is None:
+        return values.sum(-1)
+    return values.new_zeros(2 * m + 1).index_add(0, index.reshape(-1), values.reshape(-1))[:2 * m]
+
+
 def _model_forward(batch: dict, model, precision: str, device):
-    """Per-token -log p of the labels [rows, s] (megatron's vocab-parallel cross entropy) and the batch on
-    ``device``."""
+    """Per-token -log p of the labels [rows, s] (megatron's vocab-parallel cross entropy), the batch on
+    ``device`` and its number of pairs."""
     from framework.training.step import _autocast
 
+    m = num_pairs(batch)
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with _autocast(precision, device):
-        return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]), batch
+        # attention_mask: packed micro-batches only (block-diagonal causal); otherwise plain causal
+        nll = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return nll, batch, m
 
 
 def _dpo_step_fn(opts: DPOOptions, precision: str, device, sft_scale: float):
     """The schedule's forward step: the DPO loss of a micro-batch of pairs (see the module docstring)."""
     def forward_step(data_iterator, model):
-        nll, batch = _model_forward(next(data_iterator), model, precision, device)
+        nll, batch, m = _model_forward(next(data_iterator), model, precision, device)
         mask = batch["loss_mask"]
 
         def loss_func(output_tensor):
             per_token = output_tensor.float() * mask
-            logps, targets = -per_token.sum(-1), mask.sum(-1)
-            m = logps.shape[0] // 2
+            logps, targets = -sequence_sums(per_token, batch, m), sequence_sums(mask, batch, m)
             losses, r_chosen, r_rejected = pair_losses(opts, logps, batch["ref_logps"].float(), targets)
-            nll_chosen = per_token[:m].sum()
+            nll_chosen = -logps[:m].sum()
             total = losses.sum() + (sft_scale * nll_chosen if opts.sft_weight else 0.0)
             stats = torch.stack([t.detach().double() for t in (
                 losses.sum(), torch.tensor(float(m), device=device), (r_chosen > r_rejected).sum(), r_chosen.sum(),
@@ -266,11 +290,11 @@ def dpo_evaluate(model, micro_batches: list[dict], opts: DPOOptions, precision: 
     return _metrics(reduced, device, opts.sft_weight)
 
 
-def _keep_logps(batch: dict):
+def _keep_logps(batch: dict, m: int):
     mask = batch["loss_mask"]
 
     def loss_func(output_tensor):
-        logps = -(output_tensor.float() * mask).sum(-1)
+        logps = -sequence_sums(output_tensor.float() * mask, batch, m)
         zero = torch.zeros((), dtype=torch.float32, device=logps.device)
         return zero, torch.ones((), dtype=torch.int, device=logps.device), {"logps": logps.detach()}
 
@@ -279,7 +303,7 @@ def _keep_logps(batch: dict):
 
 @torch.no_grad()
 def sequence_logps(model, micro_batches: list[dict], precision: str = "fp32") -> list[torch.Tensor] | None:
-    """Each row's log-probability summed over its targets, per micro-batch ([rows] float32), on the last
+    """Each sequence's log-probability summed over its targets, per micro-batch ([2m] float32), on the last
     pipeline stage (None on other stages). Runs in eval mode, without autograd; micro-batches of one shape
     share one schedule call (pipelined), others run one at a time."""
     from megatron.core import parallel_state as ps
@@ -287,9 +311,9 @@ def sequence_logps(model, micro_batches: list[dict], precision: str = "fp32") ->
     device = next(model.parameters()).device
     micro_batches = _model_inputs(micro_batches)
 
-    def step(data_iterator, m):
-        nll, batch = _model_forward(next(data_iterator), m, precision, device)
-        return nll, _keep_logps(batch)
+    def step(data_iterator, stage):
+        nll, batch, m = _model_forward(next(data_iterator), stage, precision, device)
+        return nll, _keep_logps(batch, m)
 
     was_training = model.training
     model.eval()

@@ -13,29 +13,42 @@
   only the first TP rank of the last pipeline stage contributing.
 
 Each reference exposes ``attach(micro_batches, indices, split)``: it sets ``ref_logps`` (float32 [2m], the
-chosen rows first, as ``framework.data.preference.collate_pairs`` orders them) on every micro-batch of
+chosen sequences first, as ``framework.data.preference`` orders them, packed or not) on every micro-batch of
 this rank; ``indices`` are the pair indices of each micro-batch in the ``split`` ("train" or
-"validation") data set. Off the last pipeline stage the values are zeros (only the last stage's loss reads
-them).
+"validation") data set, in that order. Off the last pipeline stage the values are zeros (only the last
+stage's loss reads them).
+
+Checkpoints and resume (``save(directory)``, ``load_tables``). The reference is the model as training
+*starts*, so the job builds it before a resume restores the trained weights: ``adapters_disabled`` needs
+nothing saved (its base weights never change), ``frozen_copy`` is copied from the freshly loaded starting
+weights again. ``precomputed`` writes its tables into every checkpoint (``reference_logps.safetensors``,
+keys ``train`` and ``validation``, float64 [pairs, 2]) and a resume reads them back instead of computing
+them again, so the reference is bitwise the one the interrupted run used, at any layout.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from framework.training.dpo import sequence_logps
+from framework.training.dpo import num_pairs, sequence_logps
 
-
-def _zeros_like_rows(mb: dict) -> torch.Tensor:
-    return torch.zeros(mb["tokens"].shape[0], dtype=torch.float32)
+TABLES_FILE = "reference_logps.safetensors"
 
 
 def _set(micro_batches: list[dict], logps: list[torch.Tensor] | None) -> None:
     for i, mb in enumerate(micro_batches):
-        mb["ref_logps"] = _zeros_like_rows(mb) if logps is None else logps[i].float().cpu()
+        mb["ref_logps"] = (torch.zeros(2 * num_pairs(mb), dtype=torch.float32) if logps is None
+                           else logps[i].float().cpu())
 
 
-class AdaptersDisabled:
+class _NothingToSave:
+    def save(self, directory) -> None:
+        """The reference is rebuilt from the starting weights on resume: nothing to write."""
+
+
+class AdaptersDisabled(_NothingToSave):
     """The policy with its adapters switched off."""
 
     def __init__(self, model, precision: str):
@@ -48,7 +61,7 @@ class AdaptersDisabled:
             _set(micro_batches, sequence_logps(self.model, micro_batches, self.precision))
 
 
-class FrozenCopy:
+class FrozenCopy(_NothingToSave):
     """A frozen second model holding the policy's starting base weights."""
 
     def __init__(self, reference_model, precision: str):
@@ -78,11 +91,33 @@ class Precomputed:
     def __init__(self, tables: dict[str, torch.Tensor]):
         self.tables = tables  # split -> float64 [pairs, 2]: (chosen, rejected)
 
+    def save(self, directory) -> None:
+        """Write the tables into checkpoint ``directory`` (global rank 0; every rank holds the same)."""
+        import torch.distributed as dist
+        from safetensors.torch import save_file
+
+        if dist.get_rank() == 0:
+            save_file({k: v.contiguous() for k, v in self.tables.items()}, str(Path(directory) / TABLES_FILE))
+
     def attach(self, micro_batches: list[dict], indices, split: str = "train") -> None:
         table = self.tables[split]
         for mb, idx in zip(micro_batches, indices):
             rows = table[torch.as_tensor(list(idx), dtype=torch.long)]
             mb["ref_logps"] = torch.cat([rows[:, 0], rows[:, 1]]).float()
+
+
+def load_tables(checkpoint, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The tables a checkpoint holds, checked against this run's pair counts ``{split: pairs}``."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / TABLES_FILE
+    tables = load_file(str(path))
+    for split, n in sizes.items():
+        shape = tuple(tables[split].shape) if split in tables else None
+        if shape != (n, 2):
+            raise ValueError(f"{path}: {split} table has shape {shape}, this run has {n} {split} pairs "
+                             "(expected [pairs, 2]); the data changed since the checkpoint was written")
+    return tables
 
 
 def precompute_table(model, pairs, micro_batch_size: int, collate, precision: str) -> torch.Tensor:

@@ -23,6 +23,13 @@ class EarlyStopping:
     bad_validations: int = 0      # consecutive validations without an improvement of min_delta
     stopped_step: int | None = None
 
+    @classmethod
+    def from_config(cls, trainer) -> "EarlyStopping":
+        """From ``trainer.early_stopping`` (absent: never stop, min_delta 0)."""
+        stop = trainer.get("early_stopping") or {}
+        return cls(patience=None if stop.get("patience") is None else int(stop["patience"]),
+                   min_delta=float(stop.get("min_delta") or 0.0))
+
     def update(self, step: int, loss: float) -> bool:
         """Record the validation ``loss`` measured after ``step``; True when it is a new best."""
         if loss < self.best_loss - self.min_delta:

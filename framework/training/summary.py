@@ -30,16 +30,23 @@ def summary_table(result, rt) -> str:
         rows.insert(at, ("test loss (perplexity)", f"{r.test_loss:.4f} ({math.exp(r.test_loss):.2f})"))
     if r.adapter_dir:
         rows.append(("adapter", r.adapter_dir))
-    if r.best_checkpoint:
-        rows.append(("best checkpoint", f"{r.best_checkpoint} (validation loss {r.best_val_loss:.4f} at step "
-                                        f"{r.best_step})"))
-    if r.resumed_from:
-        rows.append(("resumed from", r.resumed_from))
+    rows += checkpoint_rows(r)
     text = table(rows, "Run summary")
     if r.completion_before is not None and r.completion_after is not None:
         text += ("\n\nHeld-out prompt, greedy completion WITHOUT the adapter (base model):\n"
                  f"{r.completion_before!r}\n\nWITH the adapter:\n{r.completion_after!r}")
     return text
+
+
+def checkpoint_rows(r) -> list[tuple[str, str]]:
+    """The best checkpoint and the checkpoint this invocation resumed from, where there are any."""
+    rows = []
+    if r.best_checkpoint:
+        rows.append(("best checkpoint", f"{r.best_checkpoint} (validation loss {r.best_val_loss:.4f} at step "
+                                        f"{r.best_step})"))
+    if r.resumed_from:
+        rows.append(("resumed from", r.resumed_from))
+    return rows
 
 
 def _steps(r) -> str:

@@ -5,7 +5,18 @@
     train_state/rng/tpT-ppP-dpD.pt   python, numpy, torch (CPU and CUDA) and megatron's RNG-tracker states of
                                  each rank
     train_state/state.json       step, LR scheduler, data position, early-stopping counters, losses and
-                                 validations so far, the settings a resume must share (written last)
+                                 validations so far, the settings a resume must share, the optimizer's
+                                 layout (written last)
+
+In a background save (``trainer.async_save``, framework/training/checkpointing.py) the optimizer's tensors
+are written by megatron's async writer and state.json, its content taken at the save, is written by the
+request's last finalize function, once every rank's writer has finished.
+
+The optimizer's layout (``optimizer.distributed``: megatron's distributed optimizer or the plain one) is
+recorded from the optimizer object itself. The two save different tensors (flat per-bucket shards of each
+DP rank, ``dp_reshardable``, against one tensor per parameter), and megatron-core 0.16.1 loads neither from
+the other (its layout-independent ``fully_sharded_model_space`` format is the one that does not work, see
+below); so a resume that toggles ``trainer.distributed_optimizer`` is refused before megatron reads anything.
 
 Optimizer state at another data-parallel size: each optimizer tensor is saved as a ShardedTensor shaped
 like its model parameter (megatron maps optimizer state onto the model's sharded state dict), so
@@ -45,9 +56,11 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 #: the layout, micro-batch size, intervals or early-stopping patience, may change between invocations)
 RESUME_KEYS = ("seed", "precision", "model.name", "model.source", "model.arch", "peft", "data.train",
                "data.validation", "data.validation_split", "data.format", "data.max_length", "data.truncation_side", "data.loss_on",
-               "data.packing", "trainer.global_batch_size", "trainer.lr", "trainer.min_lr", "trainer.warmup_steps",
+               "data.decoder_max_length", "data.packing", "trainer.global_batch_size", "trainer.lr", "trainer.min_lr", "trainer.warmup_steps",
                "trainer.weight_decay", "trainer.adam_beta1", "trainer.adam_beta2", "trainer.clip_grad",
-               "trainer.distributed_optimizer")  # the last: the optimizer state's format differs
+               "dpo")  # preference tuning: the loss, beta, label smoothing, SFT weight and reference
+# trainer.distributed_optimizer is checked against the optimizer layout recorded in state.json
+# (optimizer_layout_problem), which also covers checkpoints whose settings lack the key.
 
 
 @dataclasses.dataclass
@@ -63,6 +76,7 @@ class LoopState:
     tokens: int = 0                   # training tokens (inputs) processed, for throughput over invocations
     train_seconds: float = 0.0        # time spent in training steps (validation and checkpoints excluded)
     wandb_run_id: str | None = None
+    extra: dict = dataclasses.field(default_factory=dict)  # a job's own JSON progress (DPO: per-step metrics)
 
 
 def resume_settings(cfg) -> dict:
@@ -123,10 +137,36 @@ def _optimizer_sharded(model, optimizer, is_loading: bool) -> dict:
                                         metadata=OPTIMIZER_METADATA)
 
 
-def save_optimizer(model, optimizer, directory: Path) -> None:
+def save_optimizer(model, optimizer, directory: Path, background: bool = False):
+    """Write the optimizer state to ``directory`` (all ranks); ``background``: return megatron's AsyncRequest
+    for its tensors instead of writing them (the directory is complete once its finalize functions ran)."""
     from megatron.core import dist_checkpointing
 
-    dist_checkpointing.save(_optimizer_sharded(model, optimizer, is_loading=False), str(directory))
+    return dist_checkpointing.save(_optimizer_sharded(model, optimizer, is_loading=False), str(directory),
+                                   async_sharded_save=background)
+
+
+def is_distributed_optimizer(optimizer) -> bool:
+    """megatron's DistributedOptimizer (alone or in a chain), not the plain one."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def optimizer_layout_problem(state: dict, optimizer, where) -> str | None:
+    """Why the optimizer state saved in ``state`` (state.json) cannot load into ``optimizer`` (None: it can)."""
+    saved = (state.get("optimizer") or {}).get("distributed")
+    if saved is None:  # written before the layout was recorded: the setting of the run that saved it
+        saved = (state.get("settings") or {}).get("trainer.distributed_optimizer")
+    now = is_distributed_optimizer(optimizer)
+    if saved is None or bool(saved) == now:
+        return None
+    then, now = str(bool(saved)).lower(), str(now).lower()
+    return (f"trainer.distributed_optimizer: checkpoint {where} was saved with trainer.distributed_optimizer={then}, "
+            f"this run has trainer.distributed_optimizer={now}. The two optimizer layouts save different tensors "
+            f"(the distributed optimizer flat per-data-parallel-rank shards, the plain one a tensor per parameter) "
+            f"and megatron-core cannot load one from the other; resume with trainer.distributed_optimizer={then}, "
+            f"or start a new run (another output_dir, or trainer.resume=never)")
 
 
 def load_optimizer(model, optimizer, directory: Path) -> None:
@@ -180,9 +220,11 @@ def _set_distributed_steps(optimizer, steps: list) -> None:
 
 
 # -- the whole train state ------------------------------------------------------------------------------------
-def save_train_state(directory, *, model, optimizer, scheduler, order, stopper, loop: LoopState, cfg, rt) -> None:
+def save_train_state(directory, *, model, optimizer, scheduler, order, stopper, loop: LoopState, cfg, rt,
+                     background: bool = False) -> list:
     """Write ``directory`` (= CHECKPOINT/train_state); all ranks call. state.json comes last, on rank 0,
-    after every rank has written its part."""
+    after every rank has written its part. ``background``: leave the optimizer's tensors and state.json to
+    the returned megatron AsyncRequests (state.json in their last finalize function); else returns []."""
     import torch.distributed as dist
 
     directory = Path(directory)
@@ -190,17 +232,31 @@ def save_train_state(directory, *, model, optimizer, scheduler, order, stopper, 
         for sub in (RNG_DIR, OPTIMIZER_DIR):
             (directory / sub).mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    save_optimizer(model, optimizer, directory / OPTIMIZER_DIR)
+    if background:
+        request = save_optimizer(model, optimizer, directory / OPTIMIZER_DIR, background=True)
+    else:
+        save_optimizer(model, optimizer, directory / OPTIMIZER_DIR)
     torch.save(rng_state(), _rng_file(directory, *_rank_position()))
+    distributed = is_distributed_optimizer(optimizer)
+    # taken now: the loop, scheduler and data order go on while a background save is being written
+    text = json.dumps({"format_version": FORMAT_VERSION, **dataclasses.asdict(loop),
+                       "scheduler": scheduler.state_dict(), "data_order": order.state_dict(),
+                       "early_stopping": stopper.state_dict(), "layout": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp},
+                       "optimizer": {"distributed": distributed, **(OPTIMIZER_METADATA if distributed else {})},
+                       "settings": resume_settings(cfg)}, indent=1) if rt.is_main else None
+
+    def write_state_json() -> None:
+        if rt.is_main:
+            tmp = directory / (STATE_FILE + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(directory / STATE_FILE)
+
+    if background:
+        request.add_finalize_fn(write_state_json)  # after megatron's own finalization, which ends in a barrier
+        return [request]
     dist.barrier()
-    if rt.is_main:
-        state = {"format_version": FORMAT_VERSION, **dataclasses.asdict(loop),
-                 "scheduler": scheduler.state_dict(), "data_order": order.state_dict(),
-                 "early_stopping": stopper.state_dict(), "layout": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp},
-                 "settings": resume_settings(cfg)}
-        tmp = directory / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(directory / STATE_FILE)
+    write_state_json()
+    return []
 
 
 def read_state(directory) -> dict:
@@ -216,8 +272,13 @@ def load_train_state(directory, *, model, optimizer, scheduler, order, stopper, 
     """Restore optimizer, scheduler, RNG, data position and early-stopping counters from ``directory``;
     returns the loop's progress. The weights are restored separately (framework.peft.registry.load_trained)
     and must be loaded first: a bf16 optimizer's fp32 main params are overwritten here."""
+    from framework.config.errors import ConfigError
+
     directory = Path(directory)
     state = read_state(directory)
+    problem = optimizer_layout_problem(state, optimizer, directory.parent)
+    if problem:
+        raise ConfigError(problem)
     load_optimizer(model, optimizer, directory / OPTIMIZER_DIR)
     scheduler.load_state_dict(state["scheduler"])
     order.load_state_dict(state["data_order"])

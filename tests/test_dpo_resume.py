@@ -1,0 +1,152 @@
+"""Checkpoints and resume of preference tuning (launch/dpo.py), with every kind of reference.
+
+The reference of each test is the same DPO job run without interruption: a run paused after step 3 of 4
+(``trainer.steps_per_run=3``, a checkpoint written) and started again with the same command must give the
+same per-step DPO metrics (loss, rewards, accuracy, log-probs, lr, grad norm) within 1e-6 and the same
+validation. Modes: LoRA with dropout (the RNG streams matter) and the adapters-disabled reference; full
+parameters with the frozen copy (a resume that built the copy from the *restored* weights would see zero
+rewards at step 4); full parameters with precomputed reference log-probabilities, read back from the
+checkpoint, and recomputed (deterministically, from the starting weights) when the checkpoint lacks them;
+LoRA on packed pairs. Keep-last/best and early stopping follow the rules written here from the logged
+validation losses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from framework.runtime.spawn import run_distributed
+from tests.hf_models import save_tiny_job_llama
+from tests.test_dpo import ROOT, tiny_dpo
+from tests.test_resume import assert_same_adapter, checkpoint_steps, pointer
+
+STEPS = 4
+METRICS = ("loss", "pair_loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logp_chosen",
+           "logp_rejected", "nll_chosen", "pairs", "lr", "grad_norm")
+MODES = {
+    "lora-dropout": ["peft.dropout=0.1"],
+    "full-frozen_copy": ["peft=none", "dpo.reference=frozen_copy"],
+    "full-precomputed": ["peft=none", "dpo.reference=precomputed", "dpo.sft_weight=0.3"],
+    "lora-packed": ["peft.dropout=0.1", "data.packing=true", "trainer.global_batch_size=2",
+                    "trainer.micro_batch_size=1"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    return save_tiny_job_llama(tmp_path_factory.mktemp("tiny_hf"))
+
+
+def dpo_cfg(tiny_hf, tokenizer_dir, out, *extra):
+    return tiny_dpo(tiny_hf, tokenizer_dir, out, f"trainer.max_steps={STEPS}", "trainer.eval_interval=2",
+                    "trainer.save_interval=2", "trainer.eval_samples=8", "trainer.lr=5e-3", "trainer.warmup_steps=1",
+                    *extra)
+
+
+class Messages(logging.Handler):
+    """Collects the messages of the job's loggers at INFO and above."""
+
+    def __init__(self, *names):
+        super().__init__()
+        self.messages = []
+        for name in names:
+            logging.getLogger(name).addHandler(self)
+            logging.getLogger(name).setLevel(logging.INFO)
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _job(cfg, scripted_validation=None):
+    """The DPO job in this (spawned) process: (DPOResult, its messages). ``scripted_validation``: the
+    validation DPO losses, in order, instead of measured ones."""
+    os.chdir(ROOT)
+    from framework.runtime.logs import setup_logging
+    from framework.training import dpo_job
+    from framework.training.dpo import DPOMetrics
+
+    setup_logging("WARNING")
+    collected = Messages("framework.dpo", "framework.finetune")
+    if scripted_validation is not None:
+        losses = iter(scripted_validation)
+        dpo_job._validator = lambda *_a, **_k: lambda: DPOMetrics(*(next(losses),) * 9, pairs=8)
+    return dpo_job.run(cfg), collected.messages
+
+
+def run_job(cfg, **kwargs):
+    return run_distributed(_job, 1, cfg, timeout=200, **kwargs)[0]
+
+
+def assert_same_run(ours, ref):
+    assert len(ours.history) == len(ref.history) == STEPS
+    for step, (a, b) in enumerate(zip(ours.history, ref.history), 1):
+        for k in METRICS:
+            assert a[k] == pytest.approx(b[k], abs=1e-6, rel=0), f"step {step}: {k} {a[k]} vs {b[k]}"
+    for k in METRICS[:-3]:
+        assert ours.val_after[k] == pytest.approx(ref.val_after[k], abs=1e-6, rel=0), k
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_stop_and_resume_gives_the_uninterrupted_run(tiny_hf, tiny_tokenizer_dir, tmp_path, mode):
+    extra = MODES[mode]
+    ref, _ = run_job(dpo_cfg(tiny_hf, tiny_tokenizer_dir, tmp_path / "ref", *extra))
+    assert ref.status == "completed" and ref.history[0]["pair_loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert ref.history[-1]["reward_margin"] != 0  # the reference really differs from the policy by then
+    run = tmp_path / "run"
+    first, _ = run_job(dpo_cfg(tiny_hf, tiny_tokenizer_dir, run, *extra, "trainer.steps_per_run=3"))
+    assert first.status == "paused" and first.steps == 3 and first.trained_dir is None
+    assert pointer(run, "latest") == "step-000003"
+    if mode == "full-precomputed":  # a copy of the paused run whose checkpoint lacks the reference tables
+        shutil.copytree(run, tmp_path / "recompute")
+        (tmp_path / "recompute" / "checkpoints" / "step-000003" / "reference_logps.safetensors").unlink()
+
+    resumed, messages = run_job(dpo_cfg(tiny_hf, tiny_tokenizer_dir, run, *extra))  # the same command again
+    assert resumed.resumed_from.endswith("step-000003") and resumed.status == "completed"
+    assert_same_run(resumed, ref)
+    if mode.startswith("lora"):
+        assert_same_adapter(run, tmp_path / "ref", atol=1e-6)
+    if mode == "lora-packed":
+        assert any("packing:" in m and "pairs into" in m for m in messages), messages
+        assert resumed.history[0]["pairs"] > 2  # a global batch of 2 bins holds more than 2 pairs
+    if mode == "full-precomputed":
+        assert any("reference log-probabilities read from" in m for m in messages), messages
+        again, messages = run_job(dpo_cfg(tiny_hf, tiny_tokenizer_dir, tmp_path / "recompute", *extra))
+        assert any("precomputed in" in m for m in messages), messages
+        assert_same_run(again, ref)
+
+    # keep_last=2 and the best: the two newest and the step of the lowest validation loss
+    state = json.loads((run / "checkpoints" / "step-000004" / "train_state" / "state.json").read_text())
+    best = min(state["validations"], key=lambda v: v[1])[0]
+    assert [s for s, _ in state["validations"]] == [2, 4]
+    assert set(checkpoint_steps(run)) == {3, 4, best} and pointer(run, "best") == f"step-{best:06d}"
+    assert resumed.best_step == best
+
+    if mode == "lora-dropout":
+        # the finished command again: nothing to do, and it says so
+        again, messages = run_job(dpo_cfg(tiny_hf, tiny_tokenizer_dir, run, *extra))
+        assert any("already finished at step 4" in m for m in messages), messages
+        assert again.history == resumed.history
+        # a resume with another DPO loss is refused, naming it
+        with pytest.raises(Exception, match=r"\n  - dpo: checkpoint .*'beta': 0\.1.*now .*'beta': 0\.2"):
+            run_job(dpo_cfg(tiny_hf, tiny_tokenizer_dir, run, *extra, "dpo.beta=0.2"))
+
+
+@pytest.mark.timeout(200)
+def test_early_stopping_and_the_best_checkpoint(tiny_hf, tiny_tokenizer_dir, tmp_path):
+    """patience=1, validations every 2 steps scripted as: before 0.69, step 2: 0.5 (best), step 4: 0.6 (no
+    improvement: 1 = patience) -> stop after step 4 of 8, best step 2, whose checkpoint is kept."""
+    cfg = dpo_cfg(tiny_hf, tiny_tokenizer_dir, tmp_path, "trainer.max_steps=8", "trainer.save_interval=null",
+                  "trainer.keep_last=1", "trainer.early_stopping.patience=1")
+    result, _ = run_job(cfg, scripted_validation=[0.69, 0.5, 0.6, 0.1, 0.1])
+    assert result.status == "stopped_early" and result.steps == 4 and len(result.history) == 4
+    assert result.best_step == 2 and result.best_val_loss == 0.5 and result.val_after["loss"] == 0.6
+    assert checkpoint_steps(tmp_path) == [2, 4] and pointer(tmp_path, "best") == "step-000002"
+    assert Path(result.trained_dir).is_dir()
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "stopped_early"
