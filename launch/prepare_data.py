@@ -15,7 +15,8 @@ Examples:
 
 Keys used: data.train, data.validation, data.validation_split, data.test, data.max_length,
 data.truncation_side=left|right, data.format, data.loss_on, data.chat_template, data.cache_dir, seed,
-and model.* to find the tokenizer.
+data.decoder_max_length (encoder-decoder models: T5 samples, framework/data/seq2seq.py), and model.* to find
+the tokenizer (and whether the model is an encoder-decoder).
 """
 
 import os
@@ -48,6 +49,9 @@ def run(cfg: DictConfig) -> None:
     from framework.data.tokenizer import Tokenizer
     from framework.models import hub
 
+    from framework.data.seq2seq import use_seq2seq_format
+
+    use_seq2seq_format(cfg)  # an encoder-decoder model (T5): prompt/completion records become seq2seq samples
     data = cfg.data
     data_format = data.get("format", "prompt_completion")
     try:  # a bad option rather than a bad file: the message names the key, the same one-line treatment

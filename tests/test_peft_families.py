@@ -2,8 +2,8 @@
 GPT-2 (Conv1D, packed c_attn), GPTBigCode (multi-head and multi-query c_attn), Starcoder2, Nemotron, Falcon
 (grouped and multi-query query_key_value) and Mixtral (attention only: its experts are not wrapped).
 
-For each: a LoRA trained by our code for two optimizer steps at TP=2 (multi-query models: TP=1, where
-megatron's TP splits whole KV heads) exports to HF PEFT, and ``peft.PeftModel.from_pretrained`` on the HF
+For each: a LoRA trained by our code for two optimizer steps at TP=2 (multi-query models too: their KV head
+is replicated over TP, framework/models/kv_replication.py) exports to HF PEFT, and ``peft.PeftModel.from_pretrained`` on the HF
 model gives our logits; and an HF PEFT LoRA made with ``get_peft_model`` (every factor random) imports and
 gives HF PEFT's logits at TP=1 and TP=2. IA3 and DoRA on GPT-2's fused c_attn go HF -> ours (TP=2) -> HF
 with the same logits and tensors. A bare ``GPT2Model`` save (no ``transformer.`` prefix) converts, and our
@@ -39,12 +39,12 @@ def _models():
     return {
         "gpt2": (lambda: _gpt2(0), gpt2_like, None, (1, 2)),
         "gpt_bigcode_mha": (lambda: _bigcode(1, multi_query=False, n_inner=96), gpt2_like, None, (1, 2)),
-        "gpt_bigcode_mqa": (lambda: _bigcode(0), gpt2_like, None, (1,)),
+        "gpt_bigcode_mqa": (lambda: _bigcode(0), gpt2_like, None, (1, 2)),
         "starcoder2": (lambda: _starcoder2(0, num_hidden_layers=2), linear + ["c_fc", "c_proj"], None, (1, 2)),
         "nemotron": (lambda: _nemotron(0, num_hidden_layers=2), linear + ["up_proj", "down_proj"], None, (1, 2)),
         "falcon_gqa": (lambda: _falcon(1, new_decoder_architecture=True, num_kv_heads=2, num_hidden_layers=2,
                                        bias=True), falcon, None, (1, 2)),
-        "falcon_mqa": (lambda: _falcon(0, num_hidden_layers=2), falcon, None, (1,)),
+        "falcon_mqa": (lambda: _falcon(0, num_hidden_layers=2), falcon, None, (1, 2)),
         "mixtral": (lambda: _mixtral(0, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2), linear,
                     ("qkv", "proj"), (1, 2)),
     }

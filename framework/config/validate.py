@@ -25,10 +25,6 @@ def model_problems(cfg: DictConfig, model: ModelConfig, world_size: int) -> list
     problems = []
     if model.family not in FAMILIES:
         problems.append(f"model.arch.family={model.family!r} is not a known family; known: {sorted(FAMILIES)}")
-    elif model.num_decoder_layers is not None:  # T5: converters and logits only (framework/models/t5.py)
-        problems.append(f"model.arch.family={model.family!r} is an encoder-decoder model: the fine-tuning job, "
-                        f"generation and evaluation handle decoder-only models; T5 is supported by the converters "
-                        f"and framework/models/t5.py t5_logits")
     par = cfg.parallel
     try:
         check_layout(model, int(par.tensor), int(par.pipeline), bool(par.sequence), world_size,
@@ -74,6 +70,13 @@ def validate(cfg: DictConfig, world_size: int) -> ModelConfig:
     if cfg.peft.method not in METHODS:
         problems.append(f"peft.method={cfg.peft.method!r} is not one of {sorted(METHODS)}")
     problems += config_problems(cfg, model)  # the method's own keys (e.g. peft.num_virtual_tokens)
+    from framework.data.seq2seq import problems as seq2seq_problems
+
+    problems += seq2seq_problems(cfg)  # data.format / packing / decoder_max_length against the model's kind
+    if model.num_decoder_layers is not None:  # encoder-decoder (T5): what the job does not do for it
+        from framework.training.t5_step import job_problems
+
+        problems += job_problems(cfg, model)
     from framework.data.prepare import check_options
 
     if "dpo" in cfg or cfg.data.get("format") == "preference":  # preference tuning (launch/dpo.py)
@@ -103,6 +106,10 @@ def validate_generation(cfg: DictConfig, world_size: int) -> ModelConfig:
 
     model = model_config(cfg)
     problems = model_problems(cfg, model, world_size) + generation_problems(cfg, model)
+    if model.num_decoder_layers is not None:  # T5: KV-cache generation is decoder-only (framework/inference/)
+        problems.append(f"model.arch.family={model.family!r} is an encoder-decoder model: launch/generate.py and "
+                        f"launch/evaluate.py handle decoder-only models; for T5, the fine-tuning job reports "
+                        f"validation loss and, with data.test=FILE, test loss and perplexity")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return model

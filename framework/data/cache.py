@@ -62,7 +62,7 @@ log = logging.getLogger("framework.data")
 FORMAT_VERSION = 1
 # framework/data modules whose code decides the tokens or the stored layout: editing one invalidates entries.
 TOKENISING_MODULES = ("cache.py", "chat.py", "chat_template.py", "jsonl.py", "prompt_completion.py",
-                      "report.py", "sample.py", "tokenizer.py")
+                      "report.py", "sample.py", "seq2seq.py", "tokenizer.py")
 MANIFEST, TOKENS, LOSS_MASK, OFFSETS = "manifest.json", "tokens.bin", "loss_mask.bin", "offsets.bin"
 FLUSH_TOKENS = 1 << 20  # tokens held in memory while building before they are appended to the arrays
 

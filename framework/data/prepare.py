@@ -34,12 +34,14 @@ from framework.data.errors import DataError
 from framework.data.prompt_completion import TRUNCATION_SIDES, iter_prompt_completion
 from framework.data.report import FileReport
 from framework.data.sample import Sample
+from framework.data.seq2seq import SEQ2SEQ, iter_seq2seq
 from framework.data.views import Subset, holdout_split
 
 log = logging.getLogger("framework.data")
 
-# format -> iter(path, tokenizer, max_length, truncation_side, report, **format options): the kept samples
-FORMATS = {"prompt_completion": iter_prompt_completion, "messages": iter_messages}
+# format -> iter(path, tokenizer, max_length, truncation_side, report, **format options): the kept samples.
+# seq2seq: prompt/completion records for an encoder-decoder model (the job sets it; framework/data/seq2seq.py)
+FORMATS = {"prompt_completion": iter_prompt_completion, "messages": iter_messages, SEQ2SEQ: iter_seq2seq}
 
 
 def check_options(max_length, truncation_side: str, data_format: str = "prompt_completion",
@@ -93,16 +95,20 @@ def cache_dir(data) -> Path | None:
 
 def prepare_one(path: str | os.PathLike, tokenizer, max_length: int, truncation_side: str = "left",
                 data_format: str = "prompt_completion", loss_on: str = "assistant", chat_template=None,
-                cache_dir: str | os.PathLike | None = None) -> tuple[Sequence[Sample], FileReport]:
+                cache_dir: str | os.PathLike | None = None,
+                decoder_max_length: int | None = None) -> tuple[Sequence[Sample], FileReport]:
     """Tokenise one file (through the cache in ``cache_dir`` when given); return ``(samples, report)``.
 
     ``loss_on`` (assistant | last | all) and ``chat_template`` (a template overriding the tokenizer's) apply
-    to the ``messages`` format only; see ``framework.data.chat``.
+    to the ``messages`` format only; see ``framework.data.chat``. ``decoder_max_length`` (None: max_length)
+    applies to ``seq2seq`` only.
     Raises ``DataError`` (file:line: message) on the first invalid record, or when the file keeps no samples.
     """
     check_options(max_length, truncation_side, data_format, loss_on)
     tokenize = FORMATS[data_format]
     extra = {"loss_on": loss_on, "chat_template": chat_template} if data_format == "messages" else {}
+    if data_format == SEQ2SEQ:
+        extra = {"decoder_max_length": max_length if decoder_max_length is None else int(decoder_max_length)}
 
     def stream(report):
         return tokenize(path, tokenizer, max_length, truncation_side, report, **extra)
@@ -115,6 +121,7 @@ def prepare_one(path: str | os.PathLike, tokenizer, max_length: int, truncation_
             template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
             options |= {"loss_on": loss_on,
                         "chat_template_sha256": hashlib.sha256(json.dumps(template).encode()).hexdigest()}
+        options |= extra if data_format == SEQ2SEQ else {}
         samples, report = load_or_build(cache_dir, path, tokenizer, options, stream)
     else:
         report = FileReport(path=os.fspath(path), max_length=max_length)
@@ -145,7 +152,7 @@ def prepare_file(data, tokenizer, path) -> tuple[Sequence[Sample], FileReport]:
         template = Path(template).read_text(encoding="utf-8")
     return prepare_one(path, tokenizer, int(data.max_length), data.truncation_side,
                        data.get("format", "prompt_completion"), data.get("loss_on", "assistant"), template,
-                       cache_dir(data))
+                       cache_dir(data), data.get("decoder_max_length"))
 
 
 @dataclasses.dataclass

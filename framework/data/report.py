@@ -25,6 +25,7 @@ class FileReport:
     kept: int = 0
     truncated: int = 0
     prompt_tokens_cut: int = 0
+    completion_tokens_cut: int = 0  # seq2seq (framework/data/seq2seq.py): label tokens beyond data.decoder_max_length
     tokens: int = 0          # over kept samples, bos/eos included
     target_tokens: int = 0   # tokens that carry loss (completion + eos)
     dropped: Counter = dataclasses.field(default_factory=Counter)
@@ -33,14 +34,16 @@ class FileReport:
     held_out: int = 0        # kept samples moved to the validation split (data.validation_split)
     held_out_note: str = ""  # how they were chosen, for the table
 
-    def add_kept(self, line: int, num_tokens: int, num_targets: int, prompt_tokens_cut: int = 0) -> None:
+    def add_kept(self, line: int, num_tokens: int, num_targets: int, prompt_tokens_cut: int = 0,
+                 completion_tokens_cut: int = 0) -> None:
         self.read += 1
         self.kept += 1
         self.tokens += num_tokens
         self.target_tokens += num_targets
-        if prompt_tokens_cut:
+        if prompt_tokens_cut or completion_tokens_cut:
             self.truncated += 1
             self.prompt_tokens_cut += prompt_tokens_cut
+            self.completion_tokens_cut += completion_tokens_cut
             if len(self.truncated_lines) < MAX_LINES_SHOWN:
                 self.truncated_lines.append(line)
 
@@ -89,8 +92,11 @@ def format_reports(reports: list[FileReport]) -> str:
     out = [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(c) for c in cells[1:]]
     for r in reports:
         if r.truncated:
+            cut = f"{r.prompt_tokens_cut} prompt tokens cut"
+            if r.completion_tokens_cut:
+                cut += f", {r.completion_tokens_cut} completion tokens (eos included) cut by data.decoder_max_length"
             out.append(f"  {r.path}: {r.truncated} truncated to max_length={r.max_length} "
-                       f"({r.prompt_tokens_cut} prompt tokens cut; {_lines(r.truncated_lines, r.truncated)})")
+                       f"({cut}; {_lines(r.truncated_lines, r.truncated)})")
         for reason, n in sorted(r.dropped.items()):
             out.append(f"  {r.path}: {n} dropped, {reason} ({_lines(r.dropped_lines[reason], n)})")
         if r.held_out:

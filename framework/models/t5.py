@@ -27,6 +27,10 @@ falls short (each gap is filled here by a small megatron-style piece, named belo
   column-parallel ``output_layer`` and :meth:`T5Model.scaled_output`.
 * Pipeline parallelism: megatron-core 0.16.1's schedules no longer split an encoder-decoder model between
   stages (no encoder/decoder split rank), so PP > 1 is refused with a ConfigError.
+
+Fine-tuning (framework/training/t5_step.py) calls ``T5Model.forward`` with ``lm_labels`` for megatron's
+vocab-parallel cross entropy per decoder position; :func:`t5_logits` gives full logits and :func:`t5_greedy`
+a greedy completion (no KV cache) for the job's before/after check.
 """
 
 from __future__ import annotations
@@ -228,3 +232,39 @@ def t5_logits(model, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor,
     t5 = unwrap_model(model)
     logits = t5(encoder_ids, decoder_ids, masked, None, masked)  # [b, s_dec, V/tp]
     return gather_vocab_parallel(logits).float()
+
+
+@torch.no_grad()
+def t5_greedy(model, encoder_ids: list[int], max_new_tokens: int, decoder_start_id: int, eos_id: int,
+              pad_multiple: int = 1) -> list[int]:
+    """Greedy completion of one encoder input: the decoder starts from ``decoder_start_id`` and appends the
+    argmax token until ``eos_id`` (kept) or ``max_new_tokens``, as transformers' ``generate`` with
+    ``do_sample=False``. No KV cache: each step runs encoder and decoder again (for short checks, such as the
+    job's completion before and after training). Both sequences are right-padded to a multiple of
+    ``pad_multiple`` (sequence parallelism); the encoder's padding is masked, the decoder's lies after the
+    position read. The same on every TP rank (logits are gathered)."""
+    from framework.inference.logits import unwrap_model
+
+    t5 = unwrap_model(model)
+    device = next(t5.parameters()).device
+    was_training = t5.training
+    t5.eval()
+
+    def padded(ids: list[int], fill: int) -> torch.Tensor:
+        n = -(-len(ids) // pad_multiple) * pad_multiple
+        return torch.tensor([ids + [fill] * (n - len(ids))], dtype=torch.long, device=device)
+
+    encoder = padded(list(encoder_ids), eos_id)
+    mask = torch.zeros_like(encoder)
+    mask[0, :len(encoder_ids)] = 1
+    out: list[int] = []
+    try:
+        for _ in range(max_new_tokens):
+            decoder = [decoder_start_id] + out
+            logits = t5_logits(model, encoder, padded(decoder, decoder_start_id), mask)
+            out.append(int(logits[0, len(decoder) - 1].argmax()))
+            if out[-1] == eos_id:
+                break
+    finally:
+        t5.train(was_training)
+    return out

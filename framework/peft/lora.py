@@ -59,14 +59,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.peft.wrapping import (LAYER_TARGETS, MODEL_TARGETS, Piece, PeftWrapper, init_seed, mark,
-                                     param_like, seeded_generator, trainable_parameters, unwrap, wrap_targets)
+from framework.peft.wrapping import (CROSS_TARGETS, LAYER_TARGETS, MODEL_TARGETS, Piece, PeftWrapper, init_seed,
+                                     mark, param_like, seeded_generator, trainable_parameters, unwrap, wrap_targets)
 from framework.peft.wrapping import check_targets as _check_targets
 
 #: every LoRA target, in canonical order (the order also seeds A's initialisation: do not reorder)
-TARGETS = {**LAYER_TARGETS, **MODEL_TARGETS}
+TARGETS = {**LAYER_TARGETS, **MODEL_TARGETS, **CROSS_TARGETS}
 _DESCRIBE = ("qkv: fused q/k/v projection, proj: attention output, fc1: gate/up, fc2: down, "
-             "embedding: token embedding, output: output layer / lm_head")
+             "embedding: token embedding, output: output layer / lm_head; encoder-decoder models (T5) only: "
+             "cross_q, cross_kv, cross_proj: the decoder's cross-attention query, key/value and output")
 
 __all__ = ["TARGETS", "LoRALinear", "LoRAEmbedding", "apply_lora", "lora_modules", "check_targets",
            "trainable_parameters", "unwrap"]
@@ -407,4 +408,9 @@ def targets_problems(peft, valid_targets, method: str) -> list[str]:
 
 def config_problems(cfg, model_cfg) -> list[str]:
     """Checks of ``cfg.peft`` for LoRA, before any process group starts."""
-    return config_problems_for(cfg.peft, TARGETS, "LoRA")
+    problems = config_problems_for(cfg.peft, TARGETS, "LoRA")
+    cross = [t for t in (cfg.peft.get("targets") or []) if t in CROSS_TARGETS]
+    if cross and model_cfg.num_decoder_layers is None:
+        problems.append(f"peft.targets={list(cfg.peft.targets)}: {cross} are cross-attention targets of "
+                        f"encoder-decoder models (T5); model.arch.family={model_cfg.family!r} has no cross-attention")
+    return problems

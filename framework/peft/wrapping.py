@@ -9,6 +9,11 @@ Targets (the names PEFT configs use)::
     embedding  embedding.word_embeddings                    VocabParallelEmbedding (first pipeline stage)
     output     output_layer                                 ColumnParallelLinear (vocab-parallel; last stage)
 
+In an encoder-decoder model (megatron's T5Model) the layer targets wrap the layers of both stacks
+(``encoder.layers.i`` and ``decoder.layers.i``), and the decoder layers' cross-attention has targets of its
+own: ``cross_q`` (``cross_attention.linear_q``), ``cross_kv`` (``cross_attention.linear_kv``, keys and values
+interleaved per head) and ``cross_proj`` (``cross_attention.linear_proj``).
+
 A wrapper replaces its base module in place and keeps the base's state-dict keys (``...linear_qkv.weight``
 stays that key; the wrapper's own tensors add keys next to it), so HF import/export and megatron
 dist_checkpointing of base weights are the same with or without PEFT. Its ``sharded_state_dict`` is the
@@ -46,6 +51,13 @@ LAYER_TARGETS = {
 MODEL_TARGETS = {
     "embedding": ("embedding", "word_embeddings"),
     "output": (None, "output_layer"),
+}
+#: cross-attention target -> (submodule, attribute) of an encoder-decoder model's decoder layers (T5); the
+#: layer targets above wrap the self-attention and MLP of both stacks there
+CROSS_TARGETS = {
+    "cross_q": ("cross_attention", "linear_q"),    # ColumnParallelLinear (queries from the decoder)
+    "cross_kv": ("cross_attention", "linear_kv"),  # ColumnParallelLinear (keys/values from the encoder, per head)
+    "cross_proj": ("cross_attention", "linear_proj"),  # RowParallelLinear (cross-attention output)
 }
 
 
@@ -145,9 +157,11 @@ class PeftWrapper(nn.Module):
         self.parallel_mode = parallel_mode(base)
         self.tp_group = getattr(base, "tp_group", None) or get_tensor_model_parallel_group()
         self.tp_size, self.tp_rank = self.tp_group.size(), self.tp_group.rank()
-        # Set by wrap_targets: the target name and its global 1-based layer number (None: model-level target).
+        # Set by wrap_targets: the target name, its global 1-based layer number (None: model-level target)
+        # and, in an encoder-decoder model, the stack ('encoder' / 'decoder') that number counts in.
         self.target: str | None = None
         self.layer_number: int | None = None
+        self.stack: str | None = None
         self.merged = False
         self.register_state_dict_post_hook(PeftWrapper._drop_base_prefix)
         self.register_load_state_dict_pre_hook(PeftWrapper._add_base_prefix)
@@ -176,7 +190,7 @@ class PeftWrapper(nn.Module):
         raise ValueError(f"{type(self).__name__} is not merged")
 
     def where(self) -> str:
-        return (f"{self.target}" if self.layer_number is None else f"layer {self.layer_number} {self.target}")
+        return _where(self.target, self.layer_number, self.stack)
 
     def _check_mergeable(self, merging: bool) -> None:
         if merging and self.merged:
@@ -260,42 +274,74 @@ def check_targets(targets, valid, method: str = "LoRA", describe: str = "") -> t
     return targets
 
 
-def _slots(gpt) -> Iterator[tuple[nn.Module, str, str, int | None]]:
-    """(parent module, attribute, target, global layer number) of every target on this stage."""
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where one target sits: ``getattr(parent, attr)``. ``layer_number`` is megatron's global 1-based
+    number within its stack, ``stack`` 'encoder' / 'decoder' in an encoder-decoder model (T5; None in a
+    GPT), ``seed_number`` the layer's number across both stacks (the encoder's layers first), which seeds
+    initialisation so that no two layers of a T5 draw the same factors."""
+    parent: nn.Module
+    attr: str
+    target: str
+    layer_number: int | None
+    stack: str | None = None
+    seed_number: int | None = None
+
+
+def _slots(gpt) -> Iterator[Slot]:
+    """Every target slot on this stage: embedding, the layers' targets (T5: encoder, then decoder with its
+    cross-attention targets), output."""
     if getattr(gpt, "pre_process", False):
-        yield gpt.embedding, "word_embeddings", "embedding", None
-    for layer in gpt.decoder.layers:
-        for target, (sub, attr) in LAYER_TARGETS.items():
-            yield getattr(layer, sub), attr, target, layer.layer_number
+        yield Slot(gpt.embedding, "word_embeddings", "embedding", None)
+    encoder = getattr(gpt, "encoder", None)  # megatron's T5Model; PP=1, so this rank holds every encoder layer
+    stacks = [(None, gpt.decoder.layers, 0)] if encoder is None else \
+        [("encoder", encoder.layers, 0), ("decoder", gpt.decoder.layers, len(encoder.layers))]
+    for stack, layers, offset in stacks:
+        for layer in layers:
+            targets = {**LAYER_TARGETS, **(CROSS_TARGETS if stack == "decoder" else {})}
+            for target, (sub, attr) in targets.items():
+                n = layer.layer_number
+                yield Slot(getattr(layer, sub), attr, target, n, stack, n + offset)
     if getattr(gpt, "post_process", False):
-        yield gpt, "output_layer", "output", None
+        yield Slot(gpt, "output_layer", "output", None)
 
 
 def wrap_targets(model: nn.Module, targets, make: Callable[[nn.Module, str, int | None], nn.Module]) -> list[str]:
     """Freeze every parameter of this stage and replace each targeted module by ``make(base, target,
     layer_number)``. Returns the wrapped modules' names (this stage's)."""
     gpt = unwrap(model)
+    cross = [t for t in targets if t in CROSS_TARGETS]
+    if cross and getattr(gpt, "encoder", None) is None:
+        raise ValueError(f"{cross}: cross-attention targets need an encoder-decoder model (T5); "
+                         f"{type(gpt).__name__} has none")
     for p in model.parameters():
         p.requires_grad_(False)
     names = []
-    for parent, attr, target, layer_number in _slots(gpt):
-        if target not in targets:
+    for slot in _slots(gpt):
+        if slot.target not in targets:
             continue
-        base = getattr(parent, attr)
-        where = f"{target}" if layer_number is None else f"layer {layer_number} {target}"
+        base = getattr(slot.parent, slot.attr)
+        where = _where(slot.target, slot.layer_number, slot.stack)
         if isinstance(base, PeftWrapper):
             raise ValueError(f"{where} already has a {base.method} adapter; remove_peft first")
-        wrapped = make(base, target, layer_number)
-        wrapped.target, wrapped.layer_number = target, layer_number
-        setattr(parent, attr, wrapped)
+        # make() seeds by the layer number it gets: across both stacks in a T5, megatron's own in a GPT
+        wrapped = make(base, slot.target, slot.layer_number if slot.stack is None else slot.seed_number)
+        wrapped.target, wrapped.layer_number, wrapped.stack = slot.target, slot.layer_number, slot.stack
+        setattr(slot.parent, slot.attr, wrapped)
         names.append(where)
     return names
 
 
+def _where(target: str, layer_number: int | None, stack: str | None) -> str:
+    if layer_number is None:
+        return target
+    return f"{stack + ' ' if stack else ''}layer {layer_number} {target}"
+
+
 def peft_modules(model: nn.Module) -> Iterator[PeftWrapper]:
     """Every PEFT wrapper of this stage, embedding first, output last."""
-    for parent, attr, _target, _layer in _slots(unwrap(model)):
-        mod = getattr(parent, attr, None)
+    for slot in _slots(unwrap(model)):
+        mod = getattr(slot.parent, slot.attr, None)
         if isinstance(mod, PeftWrapper):
             yield mod
 
@@ -305,12 +351,12 @@ def remove_peft(model: nn.Module) -> int:
     Refuses while an adapter is merged. Returns how many wrappers were removed."""
     gpt = unwrap(model)
     n = 0
-    for parent, attr, _target, _layer in list(_slots(gpt)):
-        mod = getattr(parent, attr)
+    for slot in list(_slots(gpt)):
+        mod = getattr(slot.parent, slot.attr)
         if isinstance(mod, PeftWrapper):
             if mod.merged:
                 raise ValueError(f"{mod.where()}: unmerge the adapter before removing it")
-            setattr(parent, attr, mod.base_layer)
+            setattr(slot.parent, slot.attr, mod.base_layer)
             n += 1
     return n
 
@@ -321,8 +367,8 @@ def adapters_disabled(model: nn.Module):
     (its base module put back, as :func:`remove_peft` does) and put back on exit. Nothing is copied or
     changed, so the adapters' parameters, gradients and optimizer state are untouched (DPO's reference model
     without a second copy of the weights). Refused while an adapter is merged into its base weight."""
-    slots = [(parent, attr, getattr(parent, attr)) for parent, attr, _t, _l in _slots(unwrap(model))
-             if isinstance(getattr(parent, attr), PeftWrapper)]
+    slots = [(s.parent, s.attr, getattr(s.parent, s.attr)) for s in _slots(unwrap(model))
+             if isinstance(getattr(s.parent, s.attr), PeftWrapper)]
     for _parent, _attr, mod in slots:
         if mod.merged:
             raise ValueError(f"{mod.where()}: the adapter is merged into the base weight; unmerge it first")

@@ -109,11 +109,12 @@ def estimate(job: Job, tp: int, pp: int, dp: int, sp: bool | None = None) -> Est
     def stage(layers: int, is_first: bool, is_last: bool) -> Estimate:
         params_linear = layers * c.linear_per_layer
         params_other = layers * (c.per_layer - c.linear_per_layer) + (c.embedding if is_first else 0) \
-            + (c.final if is_last else 0)
+            + (c.final + c.decoder if is_last else 0)  # decoder: a T5's decoder stack (PP=1: one stage)
         wb = WEIGHT_BYTES[job.precision]
         lin_b = QLORA_WEIGHT_BYTES if job.method == "qlora" else wb
         weights = (params_linear * lin_b + params_other * wb) / tp
-        trainable = layers * tr_layer + (((c.embedding if is_first else 0) + (c.final if is_last else 0)) if full else 0)
+        trainable = layers * tr_layer + (((c.embedding if is_first else 0) + (c.final + c.decoder if is_last else 0))
+                                         if full else 0)
         grads = trainable * 4 / tp
         opt_bytes = 12 if job.precision != "fp32" else 8
         optimizer = trainable * opt_bytes / tp / (dp if job.distributed_optimizer else 1)

@@ -11,6 +11,11 @@ Counted as megatron-core holds them (what tests/test_planner.py checks against b
     output layer    V h unless tied
 
 n query heads, g KV heads, d head dim, f MLP width, E experts.
+
+Encoder-decoder (T5, ``num_decoder_layers`` set): the layers above are the encoder's (``per_layer``, final
+norm in ``final``); ``decoder`` holds the decoder stack: each layer is an encoder layer plus cross-attention
+(q h n d, kv 2 h n d, proj n d h) and its norm, then the final norm; each stack has a relative-position
+table of ``relative_attention_num_buckets`` x n (the encoder's in ``embedding``, the decoder's in ``decoder``).
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ class ParamCounts:
     per_layer: int   # one transformer layer
     final: int       # final norm + output layer: last stage
     linear_per_layer: int  # weights of the layer's linear layers (what QLoRA quantises)
+    decoder: int = 0  # encoder-decoder: the whole decoder stack (layers, final norm, relative table); else 0
 
     def total(self, num_layers: int) -> int:
-        return self.embedding + num_layers * self.per_layer + self.final
+        return self.embedding + num_layers * self.per_layer + self.final + self.decoder
 
 
 def _norm(cfg: ModelConfig) -> int:
@@ -53,7 +59,13 @@ def count(cfg: ModelConfig) -> ParamCounts:
     per_layer = linear + qkv_b + proj_b + mlp_b + router + norms
     embedding = V * h + (cfg.max_position_embeddings * h if cfg.position_embedding_type == "learned_absolute" else 0)
     final = _norm(cfg) + (0 if cfg.tie_word_embeddings else V * h)
-    return ParamCounts(embedding, per_layer, final, linear)
+    decoder = 0
+    if cfg.num_decoder_layers is not None:  # T5: see the module docstring
+        table = cfg.relative_attention_num_buckets * n if cfg.position_embedding_type == "relative" else 0
+        cross = h * n * d + 2 * h * g * d + n * d * h + _norm(cfg)  # q, kv, proj (T5 has no biases), norm
+        embedding += table
+        decoder = cfg.num_decoder_layers * (per_layer + cross) + _norm(cfg) + table
+    return ParamCounts(embedding, per_layer, final, linear, decoder)
 
 
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")

@@ -49,6 +49,9 @@ def prepare_inputs(cfg: DictConfig, world_size: int):
     from framework.models import hub
 
     model_cfg = validate(cfg, world_size)
+    from framework.data.seq2seq import use_seq2seq_format
+
+    use_seq2seq_format(cfg)  # an encoder-decoder model (T5) tokenises prompt/completion records as seq2seq
     if cfg.model.source != "random":
         hub.model_config_for(cfg.model)  # converts the bundled model once; checks model.arch against config.json
     _check_memory_plan(cfg, world_size)
@@ -100,8 +103,14 @@ def count_parameters(model) -> tuple[int, int]:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from framework.models.kv_replication import extra_copies
+
+    copies = extra_copies(model)  # KV heads replicated over TP ranks count once
+
     def numel(p):  # replicated parameters would be counted once per TP rank
-        return p.numel() if getattr(p, "tensor_model_parallel", False) else p.numel() / ps.get_tensor_model_parallel_world_size()
+        if getattr(p, "tensor_model_parallel", False):
+            return p.numel() - copies.get(id(p), 0)
+        return p.numel() / ps.get_tensor_model_parallel_world_size()
 
     from framework.peft.nf4 import NF4Weight
 
@@ -118,20 +127,21 @@ def run(cfg: DictConfig) -> RunResult:
     from framework.data.batching import BatchOrder
     from framework.runtime import distributed as rtd
     from framework.runtime.progress import progress
-    from framework.training.checkpointing import BEST, TRAIN_STATE_DIR, Checkpoints
+    from framework.training.checkpointing import BEST, Checkpoints
     from framework.training.early_stopping import EarlyStopping
     from framework.training.optim import build_optimizer, wrap_ddp
     from framework.training.step import train_step
     from framework.training.summary import summary_table
+    from framework.training.flops import Throughput, peak_tflops
     from framework.training.tracking import Tracker, format_memory, memory_gib
-    from framework.training.train_state import LoopState, save_train_state
+    from framework.training.train_state import LoopState
 
     world = rtd.world_size_from_env()
     model_cfg, tokenizer, train_set, val_set, reports = prepare_inputs(cfg, world)
     par = cfg.parallel
     rt = rtd.initialize(tp=int(par.tensor), pp=int(par.pipeline), sp=bool(par.sequence), seed=int(cfg.seed))
     out = Path(cfg.output_dir)
-    ckpts = Checkpoints(out / "checkpoints")
+    ckpts = Checkpoints(out / "checkpoints", async_save=bool(cfg.trainer.get("async_save", False)))
     resume_from = _resume_point(cfg, ckpts, rt)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -152,9 +162,7 @@ def run(cfg: DictConfig) -> RunResult:
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     validate_now = _validator(cfg, model, tokenizer, val_set, rt)
-    stop = tr.get("early_stopping") or {}
-    stopper = EarlyStopping(patience=None if stop.get("patience") is None else int(stop.patience),
-                            min_delta=float(stop.get("min_delta") or 0.0))
+    stopper = EarlyStopping.from_config(tr)
 
     if resume_from is not None:
         loop = _restore(cfg, resume_from, model, optimizer, scheduler, order, stopper, model_cfg, total_steps, rt)
@@ -174,13 +182,8 @@ def run(cfg: DictConfig) -> RunResult:
         tracker.scalars(0, {"val/loss": loop.val_before})
 
     def save_checkpoint(best: bool) -> None:
-        def write(directory: Path) -> None:
-            _save_trained(cfg, model, _trained_dir(cfg, directory), model_cfg)
-            save_train_state(directory / TRAIN_STATE_DIR, model=model, optimizer=optimizer, scheduler=scheduler,
-                             order=order, stopper=stopper, loop=loop, cfg=cfg, rt=rt)
-
-        path = ckpts.save(loop.step, write, best=best, keep_last=tr.get("keep_last"))
-        log.info("step %d checkpoint %s%s", loop.step, path, " (best validation loss so far)" if best else "")
+        save_job_checkpoint(ckpts, cfg, model_cfg, rt, model=model, optimizer=optimizer, scheduler=scheduler,
+                            order=order, stopper=stopper, loop=loop, best=best)
 
     # Each step: train, log, validate every eval_interval steps and after the last, then checkpoint every
     # save_interval steps, at a new best validation loss, and when this invocation ends.
@@ -188,26 +191,30 @@ def run(cfg: DictConfig) -> RunResult:
     first_step, paused = loop.step, False
     tokens_before, seconds_before = loop.tokens, loop.train_seconds
     tokens, t0, not_training = 0, time.perf_counter(), 0.0  # not_training: validation and checkpoint seconds
+    throughput = Throughput(model_cfg, cfg.peft, world, peak_tflops(tr.get("peak_tflops"), rt.device))  # model FLOPs
     bar = progress(total=total_steps - loop.step, desc="fine-tuning", enabled=rt.is_main)
     while not loop.finished and not paused:
         step = loop.step + 1
         indices = next(order)
-        res = train_step(model, optimizer, scheduler, _batches(indices, train_set, cfg, tokenizer, rt, bins),
-                         cfg.precision)
+        batches = _batches(indices, train_set, cfg, tokenizer, rt, bins)
+        res = train_step(model, optimizer, scheduler, batches, cfg.precision)
+        throughput.add_step(len(indices), batches)
         samples = indices if bins is None else [i for b in indices for i in bins[b]]
         tokens += sum(len(train_set[i].input_ids) - 1 for i in samples)
         loop.step, loop.tokens = step, tokens_before + tokens
         loop.losses.append(res.loss)
         loop.train_seconds = seconds_before + time.perf_counter() - t0 - not_training
         tokens_per_s = tokens / (time.perf_counter() - t0 - not_training)  # this invocation's throughput
+        flops = throughput.scalars(time.perf_counter() - t0 - not_training)  # TFLOP/s per GPU, MFU
         memory = memory_gib(rt.device)
         bar.update(1, loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}")
         if step % int(tr.log_interval) == 0:
-            log.info("step %d/%d loss %.4f lr %.3e grad_norm %s tokens/s %.0f memory %s", step, total_steps, res.loss,
-                     res.lr, "n/a" if res.grad_norm is None else f"{res.grad_norm:.3f}", tokens_per_s,
-                     format_memory(memory))
+            log.info("step %d/%d loss %.4f lr %.3e grad_norm %s tokens/s %.0f%s memory %s", step, total_steps,
+                     res.loss, res.lr, "n/a" if res.grad_norm is None else f"{res.grad_norm:.3f}", tokens_per_s,
+                     Throughput.describe(flops), format_memory(memory))
         tracker.scalars(step, {"train/loss": res.loss, "train/lr": res.lr, "train/grad_norm": res.grad_norm,
-                               "train/tokens_per_s": tokens_per_s, "train/memory_gib": max(memory.values())})
+                               "train/tokens_per_s": tokens_per_s, "train/memory_gib": max(memory.values()), **flops})
+        ckpts.finalize(blocking=False)  # publish a background checkpoint save that every rank has finished
         improved = False
         if step % int(tr.eval_interval) == 0 or step == total_steps:
             t_eval = time.perf_counter()
@@ -223,6 +230,7 @@ def run(cfg: DictConfig) -> RunResult:
             t_save = time.perf_counter()
             save_checkpoint(best=improved)
             not_training += time.perf_counter() - t_save
+    ckpts.finalize()  # wait for a background save and publish it before anything reads the checkpoints
     bar.close()
     tracker.close()
     if stopper.should_stop:
@@ -280,6 +288,27 @@ def _save_trained(cfg, model, directory: Path, model_cfg) -> None:
     from framework.peft.registry import save_trained
 
     save_trained(model.module, directory, cfg.peft, model_cfg, base={"name": cfg.model.name, "source": cfg.model.source})
+
+
+def save_job_checkpoint(ckpts, cfg, model_cfg, rt, *, model, optimizer, scheduler, order, stopper, loop, best: bool,
+                        also=None) -> Path:
+    """Checkpoint ``loop.step`` (all ranks call): the trained weights (adapter, or full weights), then
+    ``also(directory)`` (a job's own files, e.g. DPO's precomputed reference), then the train state, whose
+    state.json, written last, marks the checkpoint complete (framework/training/checkpointing.py)."""
+    from framework.training.checkpointing import TRAIN_STATE_DIR
+    from framework.training.train_state import save_train_state
+
+    def write(directory: Path) -> list:  # megatron AsyncRequests of a background save (trainer.async_save)
+        _save_trained(cfg, model, _trained_dir(cfg, directory), model_cfg)
+        if also is not None:
+            also(directory)
+        return save_train_state(directory / TRAIN_STATE_DIR, model=model, optimizer=optimizer, scheduler=scheduler,
+                                order=order, stopper=stopper, loop=loop, cfg=cfg, rt=rt, background=ckpts.async_save)
+
+    path = ckpts.save(loop.step, write, best=best, keep_last=cfg.trainer.get("keep_last"))
+    log.info("step %d checkpoint %s%s%s", loop.step, path, " (best validation loss so far)" if best else "",
+             ": optimizer state being written in the background" if ckpts.pending else "")
+    return path
 
 
 def _resume_point(cfg, ckpts, rt):
@@ -361,24 +390,30 @@ def _pack_training_set(cfg, train_set, rt):
     """Bins of training-sample indices when data.packing is on (packed once, deterministically), else None."""
     if not cfg.data.get("packing", False):
         return None
+    from framework.data.packing import sample_positions
+
+    return pack_for_training(cfg, [sample_positions(s) for s in train_set], _packed_length(cfg, rt), rt)
+
+
+def pack_for_training(cfg, lengths: list[int], size: int, rt, unit: str = "samples") -> list[list[int]]:
+    """Bins of ``size`` positions over items of ``lengths`` positions (``framework.data.packing.pack``),
+    refused on the Transformer Engine layer spec, with the efficiency logged; ``unit`` names the items."""
     from framework.config.validate import ConfigError
-    from framework.data.packing import pack, packing_efficiency, sample_positions
+    from framework.data.packing import pack, packing_efficiency
     from framework.models.gpt import te_available
 
     if te_available():
         # TE's fused attention takes the causal mask type and would not apply our block-diagonal mask.
         raise ConfigError("data.packing=true is supported on the local (non-Transformer-Engine) layer spec "
                           "only; THD packed_seq_params for TE are not implemented")
-    lengths = [sample_positions(s) for s in train_set]
-    size = _packed_length(cfg, rt)
     bins = pack(lengths, size)
     if len(bins) < int(cfg.trainer.global_batch_size):
         log.warning("packing: %d bins is fewer than trainer.global_batch_size=%d (a global batch is that many "
                     "bins); batches will repeat bins", len(bins), int(cfg.trainer.global_batch_size))
     if rt.is_main:
-        log.info("packing: %d samples into %d bins of %d positions, efficiency %.1f%% (%.2f samples per bin)",
-                 len(lengths), len(bins), size, 100 * packing_efficiency(bins, lengths, size),
-                 len(lengths) / len(bins))
+        log.info("packing: %d %s into %d bins of %d positions, efficiency %.1f%% (%.2f %s per bin)",
+                 len(lengths), unit, len(bins), size, 100 * packing_efficiency(bins, lengths, size),
+                 len(lengths) / len(bins), unit)
     return bins
 
 
@@ -397,6 +432,10 @@ def _batches(indices, dataset, cfg, tokenizer, rt, bins=None):
         return [collate_packed([[dataset[i] for i in bins[b]] for b in mb], tokenizer.pad_id,
                                _packed_length(cfg, rt)) for mb in mine]
     multiple = rt.tp if rt.sp else 1
+    if cfg.data.get("format") == "seq2seq":  # encoder-decoder (T5): framework/data/seq2seq.py
+        from framework.training.t5_step import seq2seq_batches
+
+        return seq2seq_batches(mine, indices, dataset, tokenizer, multiple)
     longest = max(len(dataset[i].input_ids) - 1 for i in indices)
     seq = math.ceil(longest / multiple) * multiple
     return [collate([dataset[i] for i in mb], tokenizer.pad_id, seq_length=seq) for mb in mine]
@@ -466,6 +505,10 @@ def _complete(cfg, model, tokenizer, val_set, rt):
     from framework.inference.generate import greedy_generate
 
     sample = val_set[int(cfg.generate.sample) % len(val_set)]
+    if cfg.data.get("format") == "seq2seq":  # encoder-decoder (T5)
+        from framework.training.t5_step import complete
+
+        return complete(model, sample, tokenizer, n, rt.tp if rt.sp else 1)
     prompt = [t for t, m in zip(sample.input_ids, sample.loss_mask) if not m]
     ids = greedy_generate(model, prompt, n, eos_id=tokenizer.eos_id, pad_multiple=rt.tp if rt.sp else 1)
     return tokenizer.decode(ids)

@@ -37,10 +37,15 @@ def _forward_step_fn(precision: str, device: torch.device):
         batch = next(data_iterator)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with _autocast(precision, device):
-            # attention_mask: only packed batches carry one (block-diagonal causal, True = masked out);
-            # without it the core attention is plain causal.
-            per_token_loss = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                                   labels=batch["labels"])
+            if "encoder_tokens" in batch:  # an encoder-decoder (T5) batch: framework/training/t5_step.py
+                from framework.training.t5_step import seq2seq_loss
+
+                per_token_loss = seq2seq_loss(model, batch)
+            else:
+                # attention_mask: only packed batches carry one (block-diagonal causal, True = masked out);
+                # without it the core attention is plain causal.
+                per_token_loss = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                                       labels=batch["labels"])
         loss_mask = batch["loss_mask"]
 
         def loss_func(output_tensor):

@@ -34,16 +34,21 @@ Weights (:func:`weights_for`, transforms in framework/models/weight_table.py, pl
                                              -> <stack>.layers.{i}.pre_mlp_layernorm, mlp.linear_fc1, mlp.linear_fc2
     <stack>.final_layer_norm                 -> <stack>.final_layernorm
     lm_head (untied)                         -> output_layer
+
+LoRA adapters (framework/checkpoint/adapter.py) carry HF PEFT's names of the same modules (``PEFT`` below,
+per stack): our fused ``linear_qkv`` is SelfAttention q/k/v, ``linear_kv`` EncDecAttention k/v (split as
+``cross_kv``), ``linear_fc1`` wi (wi_0/wi_1 gated); their export is an HF PEFT SEQ_2_SEQ_LM adapter.
 """
 
 from __future__ import annotations
 
 import torch
 
-from framework.models import weight_table as wt
+from framework.models import peft_names, weight_table as wt
 from framework.models.config import ModelConfig
 from framework.models.families import llama
 from framework.models.fused_layout import shard
+from framework.models.peft_names import PeftModule
 from framework.models.weight_table import Transform, WeightRule
 
 HF_MODEL_TYPES = ("t5",)
@@ -271,3 +276,28 @@ IGNORED: tuple[tuple[str, str | None], ...] = (
     ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None),  # unused by transformers too
     ("lm_head.weight", "tied"),
 )
+
+# HF PEFT module names (framework/models/peft_names.py) of T5ForConditionalGeneration, per stack under
+# ``{stack}.block.{i}.layer.``: self-attention is sub-layer 0, the decoder's cross-attention (EncDecAttention)
+# sub-layer 1, the MLP the last one (1 in the encoder, 2 in the decoder). Output rows split as the table
+# above splits the base weights: qkv, gate_up (wi_0 / wi_1), cross_kv (k / v interleaved per head).
+def _peft_stack(stack: str, mlp_sublayer: int) -> peft_names.PeftNames:
+    mlp = f"{mlp_sublayer}.DenseReluDense."
+    targets = {"qkv": PeftModule(("0.SelfAttention.q", "0.SelfAttention.k", "0.SelfAttention.v"), "qkv"),
+               "proj": PeftModule(("0.SelfAttention.o",)),
+               "fc1": PeftModule((mlp + "wi_0", mlp + "wi_1"), "gate_up"),
+               "fc2": PeftModule((mlp + "wo",))}
+    if stack == "decoder":
+        targets.update({"cross_q": PeftModule(("1.EncDecAttention.q",)),
+                        "cross_kv": PeftModule(("1.EncDecAttention.k", "1.EncDecAttention.v"), "cross_kv"),
+                        "cross_proj": PeftModule(("1.EncDecAttention.o",))})
+    return peft_names.PeftNames(layer=f"{stack}.block.{{i}}.layer.", targets=targets, ia3={}, embedding="shared",
+                                plain_fc1=PeftModule((mlp + "wi",)), task_type="SEQ_2_SEQ_LM")
+
+
+_SHARED_EMBEDDING = ("the shared embedding feeds both stacks and the fine-tuning job does not adapt it for T5; "
+                     "LoRA targets of a T5: qkv, proj, fc1, fc2 (both stacks), cross_q, cross_kv, cross_proj")
+PEFT = peft_names.PeftNames(
+    layer="", targets={}, ia3={}, embedding="shared", task_type="SEQ_2_SEQ_LM",
+    refused={"embedding": _SHARED_EMBEDDING, "output": _SHARED_EMBEDDING},
+    stacks={"encoder": _peft_stack("encoder", 1), "decoder": _peft_stack("decoder", 2)})
