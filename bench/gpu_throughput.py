@@ -25,15 +25,9 @@ Reported per run: tokens/s/GPU; model TFLOP/s/GPU; MFU = model FLOP/s / measured
 also divided by the bf16 peak); peak memory (``torch.cuda.max_memory_allocated``).
 
 FLOPs counted as Megatron counts them (megatron/training ``num_floating_point_operations``; NeMo's
-``flops_formulas.llama2`` is the same): per token, forward
-    F_gemm = 2 (N_layers + V h)     every linear weight once (N_layers: qkv, proj, fc1, fc2 of all layers;
-                                    V h: the output layer), multiply + add
-    F_attn = 4 s n d L              Q K^T and (attention) V over the full s = 4096 keys (no causal halving)
-    F_lora = 2 N_lora               the LoRA factors' GEMMs (r (in + out) per target and layer)
-full SFT: 3 (F_gemm + F_attn) (backward = input gradient + weight gradient, each as large as forward),
-which is Megatron's 12 s L h^2 (...) formula. LoRA: the frozen GEMMs need only their input gradient in
-backward, so 2 F_gemm + 3 F_attn + 3 F_lora (attention has no weights: its backward is twice its forward
-either way). The embedding lookup counts nothing.
+``flops_formulas.llama2`` is the same), by framework/training/flops.py, which the fine-tuning job's
+TFLOP/s and MFU log lines use too: full SFT 3 x forward of every GEMM and of attention over all s = 4096
+keys; LoRA 2 x the frozen GEMMs (input gradient only), 3 x attention and 3 x the LoRA factors' GEMMs.
 
 LoRA on the TE layer spec needs framework/peft to wrap Transformer Engine linears
 (TELayerNormColumnParallelLinear fuses the input norm into qkv and fc1); until it does, the LoRA runs
@@ -112,15 +106,11 @@ def model_config(path: str, layers: int | None = None):
 
 
 def flops_per_token(cfg, seq: int, method: str, rank: int, targets) -> float:
-    """Model FLOPs per token of one training step (see the module docstring)."""
-    from framework.planner.params import count, lora_per_layer
+    """Model FLOPs per token of one training step (framework/training/flops.py)."""
+    from framework.training import flops
 
-    L, h, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
-    gemm = 2 * (L * count(cfg).linear_per_layer + V * h)
-    attn = 4 * seq * cfg.num_attention_heads * cfg.kv_channels * L
-    if method == "none":
-        return 3 * (gemm + attn)
-    return 2 * gemm + 3 * attn + 3 * 2 * L * lora_per_layer(cfg, rank, tuple(targets))
+    peft = {"method": method, "rank": rank, "targets": list(targets)}
+    return flops.flops_per_token(cfg, seq, trains_base=method == "none", peft_gemm=flops.peft_gemm_per_token(cfg, peft))
 
 
 def sft_layers_that_fit(cfg, seq: int, micro_batches: int, precision: str, memory_bytes: int) -> int:

@@ -8,16 +8,14 @@ checkpoint follow from the rule written in the test, not from the job's own outp
 """
 
 import json
-import logging
-import multiprocessing as mp
 import os
-import signal
 import time
 from pathlib import Path
 
 import pytest
 
 from framework.runtime.spawn import run_distributed
+from tests.job_process import capture_messages, kill_when_blocked
 from tests.test_finetune_job import ROOT, compose
 
 STEPS = 6
@@ -38,10 +36,7 @@ def _job(cfg, scripted_validation=None):
     from framework.training import finetune
 
     setup_logging("WARNING")
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("framework.finetune").addHandler(handler)
+    messages = capture_messages("framework.finetune")
     if scripted_validation is not None:
         def scripted_validator(*_args, **_kwargs):  # each validation returns the next scripted loss
             losses = iter(scripted_validation)
@@ -167,21 +162,8 @@ def _job_killed_in_save(cfg, blocked_marker, block_at):
 def test_kill_during_checkpoint_save_keeps_the_previous_one(tiny_tokenizer_dir, uninterrupted, tmp_path):
     ref, _ = uninterrupted
     out, marker = tmp_path / "run", tmp_path / "blocked"
-    child = mp.get_context("spawn").Process(target=_job_killed_in_save,
-                                            args=(job_cfg(tiny_tokenizer_dir, out, DROPOUT), str(marker), 4))
-    child.start()
-    try:
-        deadline = time.monotonic() + 200
-        while not marker.exists():
-            assert child.is_alive(), f"the job exited ({child.exitcode}) before blocking in the save of step 4"
-            assert time.monotonic() < deadline, "the job did not reach the save of step 4"
-            time.sleep(0.2)
-        os.kill(child.pid, signal.SIGKILL)
-        child.join(30)
-    finally:
-        if child.is_alive():
-            child.kill()
-            child.join()
+    kill_when_blocked(_job_killed_in_save, (job_cfg(tiny_tokenizer_dir, out, DROPOUT), str(marker), 4), marker,
+                      "blocking in the save of step 4")
     ckpts = out / "checkpoints"
     assert checkpoint_steps(out) == [2]
     assert pointer(out, "latest") == "step-000002"

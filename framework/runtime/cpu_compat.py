@@ -76,6 +76,8 @@ SERVED_MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.strategies.torch",
+    # background saves: synchronize() before forking the writer, int tensors for the all-reduces of finalization
+    "megatron.core.dist_checkpointing.strategies.async_utils",
     "megatron.core.dist_checkpointing.exchange_utils",
     "megatron.core.rerun_state_machine",
     "megatron.core.models.common.language_module.language_module",

@@ -15,6 +15,21 @@ run starts again. All ranks must see the same filesystem (as for megatron dist_c
 Pruning. After each save, only the ``keep_last`` newest checkpoints (by step) and the one ``best`` names
 are kept.
 
+Background saves (``trainer.async_save``). The writer of a checkpoint may hand parts of it to megatron's
+async dist_checkpointing as ``AsyncRequest``s (the train state hands over the optimizer state, the bulk of
+a checkpoint). Each request is scheduled on a megatron ``AsyncCallsQueue``: its tensors are staged to host
+memory and a forked process writes them (the fork is the snapshot: training goes on changing the tensors
+in place). Its finalize functions run on every rank only once every rank's writer has finished: megatron's
+own (the ``.metadata`` and ``metadata.json`` of the optimizer directory), then the train state's
+``state.json``, and last the publication above (rename, ``latest``/``best``, pruning). A checkpoint is
+therefore never visible under its name before all of it is on disk, and a crash before finalization leaves
+the previous checkpoint as ``latest`` and the new one as a hidden temporary directory. At most one
+checkpoint is in flight: a save first finalizes the previous one, the job polls (without blocking) after
+every step and finalizes (blocking) before it exits (:meth:`Checkpoints.finalize`). On a CPU the same path
+runs with gloo (the CPU compatibility layer serves megatron's ``torch.cuda`` calls of
+``strategies/async_utils.py``); the writer is megatron's ``TemporalAsyncCaller`` (a fork per save), not its
+persistent worker, whose spawned process calls ``torch.cuda.set_device``.
+
 Resume. ``trainer.resume=auto`` continues from the newest complete checkpoint under OUTPUT_DIR/checkpoints
 (none: a fresh start); ``never`` starts afresh (earlier checkpoints in OUTPUT_DIR are removed, so that a
 later auto-resume cannot pick them up); a path resumes from that checkpoint directory (or the newest one
@@ -23,6 +38,7 @@ of a ``checkpoints`` directory).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -55,8 +71,10 @@ def is_complete(path: Path) -> bool:
 class Checkpoints:
     """The checkpoints directory of one run (``OUTPUT_DIR/checkpoints``)."""
 
-    def __init__(self, root):
+    def __init__(self, root, async_save: bool = False):
         self.root = Path(root)
+        self.async_save = async_save  # write() returns AsyncRequests: schedule them instead of running them now
+        self._queue = None            # megatron's AsyncCallsQueue, once a background save was scheduled
 
     # -- reading ------------------------------------------------------------------------------------------
     def complete(self) -> dict[int, Path]:
@@ -124,18 +142,61 @@ class Checkpoints:
             shutil.rmtree(trash, ignore_errors=True)
 
     # -- one save, all ranks -------------------------------------------------------------------------------
-    def save(self, step: int, write: Callable[[Path], None], *, best: bool, keep_last: int | None) -> Path:
+    def save(self, step: int, write: Callable[[Path], list | None], *, best: bool, keep_last: int | None) -> Path:
         """Write checkpoint ``step`` with ``write(tmp_dir)`` (a collective: every rank calls it with the same
-        directory), then publish it, point ``latest`` (and ``best``) at it and prune. All ranks call."""
+        directory), then publish it, point ``latest`` (and ``best``) at it and prune. All ranks call.
+
+        ``write`` returns the megatron ``AsyncRequest``s of what it left unwritten (None: nothing); their
+        finalize functions must complete the directory. With ``async_save`` they are scheduled in the
+        background and the checkpoint is published when :meth:`finalize` finds them done on every rank;
+        otherwise they run here. The previous background save is finalized first."""
         import torch.distributed as dist
 
+        self.finalize()
         target = self.root / step_dir_name(step)
         box = [str(temp_dir_beside(target)) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(box, src=0)
         tmp = Path(box[0])
         try:
-            write(tmp)
-            dist.barrier()
+            requests = list(write(tmp) or [])
+            background = self.async_save and bool(requests)
+            for request in [] if background else requests:
+                request.execute_sync()
+        except BaseException:
+            self._discard(tmp)
+            raise
+        finish = functools.partial(self._publish, tmp, target, best, keep_last, background)
+        if not background:
+            finish()
+            return target
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        if self._queue is None:
+            self._queue = AsyncCallsQueue(persistent=False)
+        requests[-1].add_finalize_fn(finish)  # after the request's own finalization (state.json last)
+        for request in requests:
+            self._queue.schedule_async_request(request)
+        return target
+
+    def finalize(self, blocking: bool = True) -> list[int]:
+        """Publish the background saves that every rank has finished writing (``blocking``: wait for all of
+        them); returns megatron's indices of the finalized calls. All ranks call (it is a collective when a
+        save is pending). Raises megatron's CheckpointException if a rank's writer failed."""
+        if self._queue is None or not self._queue.get_num_unfinalized_calls():
+            return []
+        return self._queue.maybe_finalize_async_calls(blocking=blocking)
+
+    @property
+    def pending(self) -> int:
+        """Background saves not yet finalized."""
+        return 0 if self._queue is None else self._queue.get_num_unfinalized_calls()
+
+    def _publish(self, tmp: Path, target: Path, best: bool, keep_last: int | None, background: bool) -> None:
+        """Every rank has written ``tmp`` completely: rename it to ``target``, set the pointers, prune."""
+        import torch.distributed as dist
+
+        dist.barrier()
+        try:
             if dist.get_rank() == 0:
                 if not is_complete(tmp):
                     raise RuntimeError(f"checkpoint {tmp} has no {TRAIN_STATE_DIR}/{STATE_FILE} after writing")
@@ -145,11 +206,18 @@ class Checkpoints:
                     self.set_pointer(BEST, target)
                 for p in self.prune(keep_last):
                     log.debug("removed checkpoint %s (trainer.keep_last=%s)", p, keep_last)
+                if background:
+                    log.info("checkpoint %s written in the background and published", target)
         finally:
-            if dist.get_rank() == 0 and tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            self._discard(tmp)
         dist.barrier()
-        return target
+
+    @staticmethod
+    def _discard(tmp: Path) -> None:
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0 and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
     # -- where to resume ------------------------------------------------------------------------------------
     def resume_point(self, resume) -> Path | None:

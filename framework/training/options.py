@@ -38,8 +38,12 @@ def trainer_problems(tr) -> list[str]:
         problems.append(f"trainer.early_stopping.patience={patience!r}: expected an integer >= 1 (validations) or null")
     if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or min_delta < 0:
         problems.append(f"trainer.early_stopping.min_delta={min_delta!r}: expected a number >= 0")
-    if not isinstance(tr.get("tensorboard", True), bool):
-        problems.append(f"trainer.tensorboard={tr.tensorboard!r}: expected true or false")
+    for key, default in (("tensorboard", True), ("async_save", False)):
+        if not isinstance(tr.get(key, default), bool):
+            problems.append(f"trainer.{key}={tr.get(key)!r}: expected true or false")
+    peak = tr.get("peak_tflops")
+    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or peak <= 0):
+        problems.append(f"trainer.peak_tflops={peak!r}: expected a number > 0 (TFLOP/s per GPU) or null")
     project = (tr.get("wandb") or {}).get("project")
     if project and importlib.util.find_spec("wandb") is None:
         problems.append(f"trainer.wandb.project={project!r} asks for Weights & Biases logging, but the wandb package "

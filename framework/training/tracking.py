@@ -1,16 +1,19 @@
 """Metrics of a run for people watching it: TensorBoard scalars, optional Weights & Biases, memory in use.
 
 TensorBoard (``trainer.tensorboard``): ``OUTPUT_DIR/tensorboard``, scalars ``train/loss``, ``train/lr``,
-``train/grad_norm``, ``train/tokens_per_s``, ``train/memory_gib`` and ``val/loss`` against the optimiser
-step. A resumed run opens the writer with ``purge_step`` at its first new step, so TensorBoard drops what the
+``train/grad_norm``, ``train/tokens_per_s``, ``train/tflops_per_gpu`` and ``train/mfu`` (model FLOPs,
+framework/training/flops.py; MFU only with a known peak), ``train/memory_gib`` and ``val/loss`` against the
+optimiser step. A resumed run opens the writer with ``purge_step`` at its first new step, so TensorBoard drops what the
 interrupted invocation logged after its last checkpoint instead of showing those steps twice.
-W&B (``trainer.wandb.project``): the same scalars, one W&B run per training run (its id is kept in the
-train state, so a resumed run continues it). Only global rank 0 writes.
+W&B (``trainer.wandb.project``): the same scalars and the resolved config, one W&B run per training run
+(its id is kept in the train state, so a resumed run continues it; ``WANDB_MODE=offline`` writes it under
+``OUTPUT_DIR/wandb`` for a later ``wandb sync``). Only global rank 0 writes.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 
@@ -47,7 +50,8 @@ class Tracker:
             import wandb
             from omegaconf import OmegaConf
 
-            self.wandb_run_id = wandb_run_id or wandb.util.generate_id()
+            # our own id (wandb's generator moved between releases): 8 of [0-9a-f], valid as a W&B run id
+            self.wandb_run_id = wandb_run_id or uuid.uuid4().hex[:8]
             self._wandb = wandb.init(project=project, name=tr.wandb.get("run_name") or Path(output_dir).name,
                                      id=self.wandb_run_id, resume="allow", dir=str(output_dir),
                                      config=OmegaConf.to_container(cfg, resolve=True))
