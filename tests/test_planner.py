@@ -1,6 +1,7 @@
 """The memory planner (issue 6): parameter counts equal what megatron builds and the published sizes of
-real models; the estimate's parts follow their formulas; Llama 2 70B LoRA in bf16 on 80 GiB GPUs does not
-fit at TP=1 (PP=1) and does at TP=2; the CLI recommends a layout."""
+real models, per TP rank too (a Falcon-7B-like multi-query model's KV head replicated at TP=2 and 4); the
+estimate's parts follow their formulas; Llama 2 70B LoRA in bf16 on 80 GiB GPUs does not fit at TP=1
+(PP=1) and does at TP=2; the CLI recommends a layout."""
 
 from __future__ import annotations
 
@@ -41,6 +42,83 @@ def test_parameter_counts_equal_the_built_models():
         assert count(cfg).total(cfg.num_layers) == built[name], name
 
 
+def _falcon_7b_like():
+    """conf/model/falcon_7b.yaml (multi-query: 1 KV head; LayerNorm, GELU, parallel attention/MLP, tied
+    embeddings), shrunk to 4 heads so that TP=2 and TP=4 replicate its KV head 2 and 4 times."""
+    from framework.config.validate import model_config
+
+    arch = dict(vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=256,
+                kv_channels=16, max_position_embeddings=64)
+    cfg = model_config(compose(["model=falcon_7b", *(f"model.arch.{k}={v}" for k, v in arch.items())]))
+    assert cfg.family == "falcon" and cfg.num_query_groups == 1 and cfg.parallel_attention_mlp
+    return cfg
+
+
+def _targets(cfg) -> tuple:
+    """Every linear of the layer; the attention only on a mixture of experts (MLP targets are refused there)."""
+    return ("qkv", "proj") if cfg.num_experts else ("qkv", "proj", "fc1", "fc2")
+
+
+def _rank_counts(tp: int, configs: dict):
+    """{name: (this rank's parameters, its LoRA-trainable ones, its DoRA-trainable ones)} of each config
+    built at TP=``tp`` (rank 2 LoRA/DoRA on :func:`_targets`)."""
+    from framework.models.registry import build_model
+    from framework.peft.dora import apply_dora
+    from framework.peft.lora import apply_lora
+    from framework.runtime.distributed import initialize
+
+    initialize(tp=tp, pp=1)
+    out = {}
+    for name, cfg in configs.items():
+        counts = [sum(p.numel() for p in build_model(cfg, tp=tp).parameters())]
+        for apply in (apply_lora, apply_dora):
+            model = build_model(cfg, tp=tp)
+            apply(model, targets=_targets(cfg), rank=2)
+            counts.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
+        out[name] = tuple(counts)
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tp", [2, 4])
+def test_per_rank_counts_equal_the_built_ranks_kv_copies_included(tp):
+    """Each TP rank's parameters, LoRA and DoRA factors as the planner counts them equal those of the model
+    built at that layout; for the Falcon-7B-like multi-query model every rank holds a copy of the KV head, so
+    a rank has 2 (1 - 1/t) d h K/V weights per layer more than 1/t of the model (and LoRA's B / DoRA's
+    magnitude 2 (1 - 1/t) d rows more per layer), which the estimate's weights, gradients and optimizer
+    state include."""
+    from framework.planner.memory import Job, estimate
+    from framework.planner.params import count, lora_per_layer
+
+    base = dict(vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=96)
+    configs = {"falcon_7b_like": _falcon_7b_like()}
+    if tp == 2:  # whole KV heads per rank, replicated biases, experts, learned positions
+        configs.update({name: ModelConfig(**base, **extra) for name, extra in TINY.items()})
+        configs["gpt2_biases"] = ModelConfig(**base, family="gpt2", add_bias_linear=True, normalization="LayerNorm",
+                                             activation="gelu", gated_linear_unit=False,
+                                             position_embedding_type="learned_absolute", max_position_embeddings=64)
+    built = run_distributed(_rank_counts, tp, tp, configs, timeout=250)
+    for name, cfg in configs.items():
+        planned = (count(cfg, tp).total(cfg.num_layers), *(cfg.num_layers * lora_per_layer(
+            cfg, 2, _targets(cfg), tp, magnitude=dora) for dora in (False, True)))
+        assert all(b[name] == planned for b in built), (name, planned, [b[name] for b in built])
+
+    # the copies, analytically: per layer 2 d h weights (rank-2 LoRA: 2 x 2 d B rows, DoRA: 2 d more) on each
+    # rank beyond what an even split of the true model gives
+    cfg, L = configs["falcon_7b_like"], configs["falcon_7b_like"].num_layers
+    d, h = cfg.kv_channels, cfg.hidden_size
+    whole, rank = count(cfg), count(cfg, tp)
+    assert rank.linear_per_layer - whole.linear_per_layer / tp == 2 * d * h * (1 - 1 / tp)
+    assert lora_per_layer(cfg, 2, ("qkv",), tp) - (2 * h + 2 * (4 + 2) * d / tp) == 2 * 2 * d * (1 - 1 / tp)
+    rank_params, rank_lora, _ = built[0]["falcon_7b_like"]
+    full = estimate(Job(model=cfg, method="none", precision="fp32", seq_length=16, global_batch_size=1,
+                        distributed_optimizer=False), tp=tp, pp=1, dp=1)
+    assert (full.weights, full.gradients, full.optimizer) == (rank_params * 4, rank_params * 4, rank_params * 8)
+    lora = estimate(Job(model=cfg, method="lora", lora_rank=2, precision="bf16", seq_length=16, global_batch_size=1,
+                        distributed_optimizer=False), tp=tp, pp=1, dp=1)
+    assert (lora.weights, lora.gradients, lora.optimizer) == (rank_params * 2, rank_lora * 4, rank_lora * 12)
+
+
 @pytest.mark.parametrize("model,published", [
     ("llama2_7b", 6_738_415_616),    # meta-llama/Llama-2-7b-hf
     ("llama2_13b", 13_015_864_320),  # meta-llama/Llama-2-13b-hf
@@ -67,10 +145,11 @@ def test_estimate_parts_follow_their_formulas():
               global_batch_size=16)
     e = estimate(job, tp=2, pp=1, dp=2)
     c = count(m)
-    assert e.weights == pytest.approx(c.total(8) * 2 / 2)
-    trainable = 8 * lora_per_layer(m, 8)
-    assert e.gradients == pytest.approx(trainable * 4 / 2)
-    assert e.optimizer == pytest.approx(trainable * 12 / 2 / 2)  # distributed optimizer over DP=2
+    assert e.weights == pytest.approx(count(m, tp=2).total(8) * 2)  # this rank's share (checked below)
+    assert count(m, tp=2).total(8) == pytest.approx(c.total(8) / 2, rel=1e-3)  # norms alone are whole per rank
+    trainable = 8 * lora_per_layer(m, 8, tp=2)
+    assert e.gradients == pytest.approx(trainable * 4)
+    assert e.optimizer == pytest.approx(trainable * 12 / 2)  # distributed optimizer over DP=2
     d, n, g, f = 64, 8, 4, 1024
     per_layer = 2 * 256 * 2 * (4 * 512 / 2 + ((n + 2 * g) * d + n * d + 2 * f + f) / 2)
     assert e.activations == pytest.approx(8 * per_layer)

@@ -240,6 +240,42 @@ def test_model_matches_dequantised_lora(tmp_path, tp, sp):
         assert any("MiB saved" in m and "NF4" in m for m in logs), logs
 
 
+def _count_worker(tp: int):
+    """(trainable, total) as the job counts and logs them (framework/training/finetune.py count_parameters) for
+    QLoRA on a multi-query tiny Llama (4 query heads, 1 KV head: replicated over the ranks at TP > 1), and at
+    TP=1 the plain count of the same model with full-precision LoRA (every weight a parameter)."""
+    from framework.models.config import ModelConfig
+    from framework.models.registry import build_model
+    from framework.peft.lora import apply_lora
+    from framework.peft.qlora import apply_qlora
+    from framework.runtime.distributed import initialize
+    from framework.training.finetune import count_parameters
+
+    initialize(tp=tp, seed=0)
+    cfg = ModelConfig(family="llama", vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4,
+                      num_query_groups=1, ffn_hidden_size=96)
+    targets = ("qkv", "proj", "fc1", "fc2")
+    model = build_model(cfg, tp=tp)
+    apply_qlora(model, targets=targets, rank=4)
+    plain = None
+    if tp == 1:
+        ref = build_model(cfg)
+        apply_lora(ref, targets=targets, rank=4)
+        plain = (sum(p.numel() for p in ref.parameters() if p.requires_grad), sum(p.numel() for p in ref.parameters()))
+    return count_parameters(model), plain
+
+
+@pytest.mark.timeout(300)
+def test_parameter_counts_with_replicated_kv_heads_count_each_head_once():
+    """At TP=2 and TP=4 every rank holds a copy of the one KV head, in its NF4 qkv storage and in LoRA's B:
+    the counts the job reports equal the single-process model's, counted plainly."""
+    (tp1, plain), = run_distributed(_count_worker, 1, 1, timeout=100)
+    assert tp1 == plain
+    for tp in (2, 4):
+        for rank, (counts, _) in enumerate(run_distributed(_count_worker, tp, tp, timeout=200)):
+            assert counts == plain, (tp, rank, counts, plain)
+
+
 # -- the job --------------------------------------------------------------------------------------------
 @pytest.mark.timeout(400)
 def test_short_qlora_finetune_reduces_validation_loss(tiny_tokenizer_dir, tmp_path):

@@ -69,7 +69,7 @@ def validate(cfg: DictConfig, world_size: int) -> ModelConfig:
 
     if cfg.peft.method not in METHODS:
         problems.append(f"peft.method={cfg.peft.method!r} is not one of {sorted(METHODS)}")
-    problems += config_problems(cfg, model)  # the method's own keys (e.g. peft.num_virtual_tokens)
+    problems += config_problems(cfg, model)  # the method's own keys (e.g. peft.num_virtual_tokens); MLP targets on MoE
     from framework.data.seq2seq import problems as seq2seq_problems
 
     problems += seq2seq_problems(cfg)  # data.format / packing / decoder_max_length against the model's kind
@@ -105,11 +105,7 @@ def validate_generation(cfg: DictConfig, world_size: int) -> ModelConfig:
     from framework.inference.options import generation_problems
 
     model = model_config(cfg)
-    problems = model_problems(cfg, model, world_size) + generation_problems(cfg, model)
-    if model.num_decoder_layers is not None:  # T5: KV-cache generation is decoder-only (framework/inference/)
-        problems.append(f"model.arch.family={model.family!r} is an encoder-decoder model: launch/generate.py and "
-                        f"launch/evaluate.py handle decoder-only models; for T5, the fine-tuning job reports "
-                        f"validation loss and, with data.test=FILE, test loss and perplexity")
+    problems = model_problems(cfg, model, world_size) + generation_problems(cfg, model)  # T5: no PP, no fp8
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return model

@@ -290,12 +290,13 @@ def _unwrap(model):
 
 
 def _tied(gpt, spec: Replication, trainable: bool = True) -> list[tuple[torch.nn.Parameter, int, slice]]:
-    """(parameter, dim, its replicated K/V rows along dim) on this stage: the trainable ones, or all."""
+    """(parameter, dim, its replicated K/V rows along dim) on this stage: the trainable ones, or all (QLoRA's
+    NF4 storage of a base weight included)."""
     out = []
     for qkv in _qkv_layers(gpt):
         base = _base(qkv)
         out += [(p, 0, spec.kv_rows) for p in (base.weight, getattr(base, "bias", None))
-                if isinstance(p, torch.Tensor) and (p.requires_grad or not trainable)]  # not QLoRA's NF4 storage
+                if p is not None and (p.requires_grad or not trainable)]  # NF4 storage: requires_grad False
         if qkv is base:
             continue
         for piece in qkv.pieces():
@@ -307,12 +308,13 @@ def _tied(gpt, spec: Replication, trainable: bool = True) -> list[tuple[torch.nn
 
 def extra_copies(model) -> dict[int, int]:
     """{id(parameter): how many of its elements on this rank are a copy m > 0 of a KV head} (empty without
-    replication): what a parameter count over TP ranks leaves out to count each KV head once."""
+    replication; QLoRA's NF4 base weights are keyed by their NF4Weight module): what a parameter count over TP
+    ranks leaves out to count each KV head once."""
     gpt = _unwrap(model)
     spec = getattr(gpt, "kv_replication", None)
     if spec is None or spec.copy == 0:
         return {}
-    return {id(p): p.narrow(dim, *_span(rows, p.shape[dim])).numel() for p, dim, rows in _tied(gpt, spec, False)}
+    return {id(p): _span(rows, p.shape[dim])[1] * p.numel() // p.shape[dim] for p, dim, rows in _tied(gpt, spec, False)}
 
 
 def piece_rows(wrapper, piece) -> str | None:

@@ -35,6 +35,7 @@ def count_on_meta(model_cfg, peft_cfg, **build_kwargs) -> ParamCount:
     """Build ``model_cfg`` on the meta device, apply ``peft_cfg`` (an OmegaConf node with ``method``), count."""
     from framework.models.registry import get_family
     from framework.peft.nf4 import NF4Weight
+    from framework.peft.qlora import quantized_numel
     from framework.peft.registry import apply_peft
 
     with torch.device("meta"):
@@ -42,7 +43,7 @@ def count_on_meta(model_cfg, peft_cfg, **build_kwargs) -> ParamCount:
         apply_peft(model, peft_cfg, model_cfg)
     params = list(model.parameters())
     nf4 = [m for m in model.modules() if isinstance(m, NF4Weight)]
-    quantized = sum(m.numel() for m in nf4)
+    quantized = quantized_numel(model)
     tensors = params + list(model.buffers())
     return ParamCount(method=str(peft_cfg.method),
                       trainable=sum(p.numel() for p in params if p.requires_grad),

@@ -15,7 +15,9 @@ Only the transformer layers' linears (qkv, proj, fc1, fc2) are quantised; an ``e
 target gets plain LoRA over its full-precision weight. Merging into an NF4 base is refused.
 
 Memory: the base linear weights of this rank go from ``numel x bytes(dtype)`` to
-:func:`~framework.peft.nf4.nf4_bytes` (about 4.13 bits per element); ``apply_qlora`` logs both.
+:func:`~framework.peft.nf4.nf4_bytes` (about 4.13 bits per element); ``apply_qlora`` logs both (this rank's
+bytes, so with KV heads replicated over TP ranks the copies it holds). Parameter counts take
+:func:`quantized_numel`, which counts each replicated KV head once.
 Embeddings, norms and the output layer stay in full precision, as in the paper.
 
 Saving: a QLoRA adapter *is* a LoRA adapter (the factors, with HF names), written by the LoRA writer; it
@@ -112,6 +114,16 @@ def apply_qlora(model, targets=("qkv", "proj", "fc1", "fc2"), rank: int = 8, alp
                  "%d): %.2f MiB -> %.2f MiB, %.2f MiB saved (%.1fx smaller)", layers, block_size,
                  scaler_block_size, before / 2 ** 20, after / 2 ** 20, (before - after) / 2 ** 20, before / after)
     return {"bytes_before": before, "bytes_after": after, "layers": layers}
+
+
+def quantized_numel(model) -> int:
+    """Base-weight elements this rank stores as NF4 (they are buffers, not parameters), each KV head that is
+    replicated over TP ranks counted on its first copy only (framework/models/kv_replication.py
+    ``extra_copies``, as parameter counts do): summed over TP ranks, the model's own count."""
+    from framework.models.kv_replication import extra_copies
+
+    copies = extra_copies(model)
+    return sum(m.numel() - copies.get(id(m), 0) for m in model.modules() if isinstance(m, NF4Weight))
 
 
 def config_problems(cfg, model_cfg) -> list[str]:

@@ -28,6 +28,10 @@ class Method:
     load: Callable
     trains_base: bool = False  # True: every base weight is trained (full SFT); the saved artefact is a checkpoint
     check: Callable | None = None  # check(cfg, model_cfg) -> list of problems with cfg.peft (before any process starts)
+    # peft.targets names that adapt the MLP (refused on a mixture-of-experts MLP, framework/peft/moe.py) and
+    # the attention-only list suggested instead
+    mlp_targets: tuple = ()
+    attention_targets: tuple = ()
 
 
 def _lazy(module: str, name: str) -> Callable:
@@ -88,17 +92,21 @@ def _load_full(model, directory, model_cfg):
     return load_checkpoint_into(model, directory, model_cfg)
 
 
+_LORA_MLP = {"mlp_targets": ("fc1", "fc2"), "attention_targets": ("qkv", "proj")}
+_IA3_MLP = {"mlp_targets": ("fc2",), "attention_targets": ("k", "v")}
+_ADAPTER_MLP = {"mlp_targets": ("mlp",), "attention_targets": ("attention",)}
 METHODS: dict[str, Method] = {
     "lora": Method("lora", _apply_lora, _save_adapter, _load_adapter,
-                   check=_lazy("framework.peft.lora", "config_problems")),
+                   check=_lazy("framework.peft.lora", "config_problems"), **_LORA_MLP),
     # DoRA, IA3 and Houlsby adapters wrap layers like LoRA and save through the same unsharded adapter files.
     **{name: Method(name, _lazy(f"framework.peft.{module}", "apply_from_config"), _save_adapter, _load_adapter,
-                    check=_lazy(f"framework.peft.{module}", "config_problems"))
-       for name, module in (("dora", "dora"), ("ia3", "ia3"), ("adapter", "adapters"))},
+                    check=_lazy(f"framework.peft.{module}", "config_problems"), **mlp)
+       for name, module, mlp in (("dora", "dora", _LORA_MLP), ("ia3", "ia3", _IA3_MLP),
+                                 ("adapter", "adapters", _ADAPTER_MLP))},
     "none": Method("none", _apply_none, _save_full, _load_full, trains_base=True),
     # QLoRA adapters are LoRA adapters (same factors and files); only the base is stored as NF4.
     "qlora": Method("qlora", _apply_qlora, _save_adapter, _load_adapter,
-                    check=_lazy("framework.peft.qlora", "config_problems")),
+                    check=_lazy("framework.peft.qlora", "config_problems"), **_LORA_MLP),
     "prompt_tuning": Method("prompt_tuning", *(_lazy("framework.peft.prompt_tuning", f)
                                                for f in ("apply_from_config", "save", "load")),
                             check=_lazy("framework.peft.prompt_tuning", "config_problems")),
@@ -117,9 +125,23 @@ def get_method(name: str) -> Method:
 
 
 def config_problems(cfg, model_cfg) -> list[str]:
-    """The method's own checks of ``cfg.peft`` (empty for an unknown method: that is reported elsewhere)."""
+    """The method's own checks of ``cfg.peft``, and MLP targets on a mixture-of-experts model (empty for an
+    unknown method: that is reported elsewhere)."""
     method = METHODS.get(cfg.peft.method)
-    return list(method.check(cfg, model_cfg)) if method is not None and method.check is not None else []
+    if method is None:
+        return []
+    problems = list(method.check(cfg, model_cfg)) if method.check is not None else []
+    return problems + moe_problems(cfg.peft, model_cfg)
+
+
+def moe_problems(peft_cfg, model_cfg) -> list[str]:
+    """MLP targets of ``peft_cfg`` refused on a mixture-of-experts model (framework/peft/moe.py)."""
+    from framework.peft import moe
+
+    method = METHODS.get(str(peft_cfg.method))
+    if method is None:
+        return []
+    return moe.config_problems(peft_cfg, model_cfg, method.mlp_targets, method.attention_targets)
 
 
 def apply_peft(model, peft_cfg, model_cfg) -> Method:

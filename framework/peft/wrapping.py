@@ -314,6 +314,9 @@ def wrap_targets(model: nn.Module, targets, make: Callable[[nn.Module, str, int 
     if cross and getattr(gpt, "encoder", None) is None:
         raise ValueError(f"{cross}: cross-attention targets need an encoder-decoder model (T5); "
                          f"{type(gpt).__name__} has none")
+    from framework.peft.moe import check_dense_mlp
+
+    check_dense_mlp(gpt, targets)  # a mixture-of-experts MLP has no linear_fc1 / linear_fc2 to wrap
     for p in model.parameters():
         p.requires_grad_(False)
     names = []

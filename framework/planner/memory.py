@@ -3,19 +3,24 @@
 For the pipeline stage that needs most (the first holds the embedding and, under 1F1B, ``pp`` micro-batches
 of activations in flight; the last holds the output layer and the logits)::
 
-    weights      stage params / TP x bytes per weight (bf16 2, fp32 4, fp8 2 + 1 for TE's fp8 copies,
+    weights      this rank's stage params x bytes per weight (bf16 2, fp32 4, fp8 2 + 1 for TE's fp8 copies,
                  QLoRA linears 0.5 + 1/64 x 4 bytes of block constants ~ 0.56, double quantisation ignored)
-    gradients    trainable / TP x 4        (megatron accumulates main grads in fp32)
-    optimizer    trainable / TP x 12 (bf16: fp32 master copy + Adam m, v) or 8 (fp32: m, v);
+    gradients    this rank's trainable x 4  (megatron accumulates main grads in fp32)
+    optimizer    this rank's trainable x 12 (bf16: fp32 master copy + Adam m, v) or 8 (fp32: m, v);
                  / DP with the distributed optimizer
     activations  per layer, saved for backward (bytes a = 2 for bf16/fp8, 4 for fp32; s sequence, b micro
                  batch, t TP; the first group is divided by t only under sequence parallelism)
-                   none/selective   a s b [4h / (t if SP) + ((n + 2g) d + n d + F + f) / t]
+                   none/selective   a s b [4h / (t if SP) + ((n + 2g') d + n d + F + f) / t]
                    full             a s b h / (t if SP)  (+ one layer's full set, recomputed at a time)
                  (fused attention keeps no s x s scores, so selective recompute saves nothing more here)
                  x layers on the stage x micro-batches in flight (first stage: min(pp, micro-batches))
     logits       last stage: s b V / t x 4 bytes x 2 (fp32 logits and their gradient)
     overhead     3 GiB: CUDA context, NCCL buffers, allocator fragmentation
+
+"This rank's" parameters are framework/planner/params.py's per-rank counts at TP = t: sharded tensors / t,
+replicated ones (norms, row-parallel biases, the router) whole, and with fewer KV heads than TP ranks
+(g' = t, framework/models/kv_replication.py) the K/V copies every rank holds: in the base weights, their
+gradients and optimizer state under full fine-tuning, and in LoRA's B (and DoRA's magnitude) of qkv.
 
 A statement about fitting is an estimate: the tests check the parameter counts against built models and
 the arithmetic against the formulas above; the overhead and activation constants are the usual
@@ -27,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 
 from framework.models.config import ModelConfig
+from framework.models.kv_replication import built_groups
 from framework.models.layout import pipeline_split
 from framework.planner.params import LORA_TARGETS, count, lora_per_layer
 
@@ -84,16 +90,12 @@ def _stage_layers(num_layers: int, pp: int) -> tuple[int, int]:
     return (first, num_layers - first) if pp == 2 else (first, last)
 
 
-def trainable_per_layer(job: Job) -> int:
-    c = count(job.model)
+def trainable_per_layer(job: Job, tp: int = 1) -> int:
+    """Trainable elements of one layer on one rank at TP = ``tp``."""
     if job.method == "none":
-        return c.per_layer
-    if job.method in ADAPTER_METHODS:
-        extra = 0
-        if job.method == "dora":  # a magnitude per output row of each wrapped linear
-            m = job.model
-            extra = (m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels + 3 * m.hidden_size
-        return lora_per_layer(job.model, job.lora_rank, job.lora_targets) + extra
+        return count(job.model, tp).per_layer
+    if job.method in ADAPTER_METHODS:  # DoRA: plus a magnitude per output row of each wrapped linear
+        return lora_per_layer(job.model, job.lora_rank, job.lora_targets, tp, magnitude=job.method == "dora")
     return 4 * job.model.hidden_size  # ia3, adapters, virtual tokens: a few vectors per layer (negligible)
 
 
@@ -101,9 +103,9 @@ def estimate(job: Job, tp: int, pp: int, dp: int, sp: bool | None = None) -> Est
     """Bytes per GPU on the stage that needs most, for one layout."""
     m = job.model
     sp = (tp > 1) if sp is None else sp
-    c = count(m)
+    c = count(m, tp)  # this rank's share, KV copies included
     first, last = _stage_layers(m.num_layers, pp)
-    tr_layer = trainable_per_layer(job)
+    tr_layer = trainable_per_layer(job, tp)
     full = job.method == "none"
 
     def stage(layers: int, is_first: bool, is_last: bool) -> Estimate:
@@ -112,17 +114,17 @@ def estimate(job: Job, tp: int, pp: int, dp: int, sp: bool | None = None) -> Est
             + (c.final + c.decoder if is_last else 0)  # decoder: a T5's decoder stack (PP=1: one stage)
         wb = WEIGHT_BYTES[job.precision]
         lin_b = QLORA_WEIGHT_BYTES if job.method == "qlora" else wb
-        weights = (params_linear * lin_b + params_other * wb) / tp
+        weights = params_linear * lin_b + params_other * wb
         trainable = layers * tr_layer + (((c.embedding if is_first else 0) + (c.final + c.decoder if is_last else 0))
                                          if full else 0)
-        grads = trainable * 4 / tp
+        grads = trainable * 4
         opt_bytes = 12 if job.precision != "fp32" else 8
-        optimizer = trainable * opt_bytes / tp / (dp if job.distributed_optimizer else 1)
+        optimizer = trainable * opt_bytes / (dp if job.distributed_optimizer else 1)
         a = ACT_BYTES[job.precision]
         s, b, h = job.seq_length, job.micro_batch_size, m.hidden_size
         f = m.ffn_hidden_size
         F = 2 * f if m.gated_linear_unit else f
-        tp_region = (m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels \
+        tp_region = (m.num_attention_heads + 2 * built_groups(m, tp)) * m.kv_channels \
             + m.num_attention_heads * m.kv_channels + F + f
         if m.num_experts:
             tp_region += (F + f) * (m.moe_router_topk - 1)  # each token's activations in k experts
@@ -177,11 +179,16 @@ def job_from_config(cfg, seq: int | None = None) -> Job:
     """The Job a composed fine-tuning config (conf/finetune.yaml) describes."""
     from omegaconf import OmegaConf
 
+    from framework.config.errors import ConfigError
     from framework.config.validate import model_config
+    from framework.peft.registry import moe_problems
 
-    peft = cfg.peft
+    peft, model = cfg.peft, model_config(cfg)
+    problems = moe_problems(peft, model)  # the job refuses MLP targets on a mixture of experts: plan no such job
+    if problems:
+        raise ConfigError(problems[0])
     targets = tuple(peft.get("targets") or LORA_TARGETS)
-    return Job(model=model_config(cfg), method=str(peft.method), lora_rank=int(peft.get("rank") or 16),
+    return Job(model=model, method=str(peft.method), lora_rank=int(peft.get("rank") or 16),
                lora_targets=tuple(t for t in targets if t in LORA_TARGETS),
                precision=str(OmegaConf.select(cfg, "precision", default="bf16")),
                seq_length=int(seq or cfg.data.max_length),

@@ -112,9 +112,9 @@ def count_parameters(model) -> tuple[int, int]:
             return p.numel() - copies.get(id(p), 0)
         return p.numel() / ps.get_tensor_model_parallel_world_size()
 
-    from framework.peft.nf4 import NF4Weight
+    from framework.peft.qlora import quantized_numel
 
-    quantized = sum(m.numel() for m in model.modules() if isinstance(m, NF4Weight))  # QLoRA: TP shards, not params
+    quantized = quantized_numel(model)  # QLoRA: TP shards (KV copies once), not params
     t = torch.tensor([sum(numel(p) for p in model.parameters() if p.requires_grad),
                       sum(numel(p) for p in model.parameters()) + quantized], dtype=torch.float64)
     if ps.get_data_parallel_rank() != 0:
