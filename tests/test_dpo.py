@@ -12,8 +12,8 @@ names). TRL 1.16 has no label-smoothed sigmoid loss; conservative DPO is checked
 ``(2 - 2e) sigmoid - (1 - 2e) robust`` combination, an identity (framework/training/dpo.py).
 
 Layouts: the same loss, metrics and LoRA gradients at TP=2+SP, PP=2 and DP=2 as in one process.
-Packing: pairs packed two to a row give the unpacked loss, metrics and gradients (1e-5) at TP=1, TP=2+SP and
-PP=2 (LoRA), and TRL's with full parameters (frozen copy at TP=2+SP, precomputed log-probs).
+Packing: pairs packed two to a row give the unpacked loss, metrics and gradients (1e-5) at TP=1, TP=2+SP,
+PP=2, DP=2 and TP=2+SP x DP=2 (LoRA), and TRL's with full parameters (frozen copy at TP=2+SP, precomputed log-probs).
 Learning: a short LoRA run on the bundled arithmetic pairs raises the training reward accuracy well above
 chance. Data: the bad-record kinds are errors naming file:line or counted skips; truncation keeps one
 prompt for both rows; chat records render with the chat template.
@@ -384,13 +384,15 @@ PACKED_LENGTH = 36
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("tp,pp,sp,world", [(1, 1, False, 1), (2, 1, True, 2), (1, 2, False, 2)],
-                         ids=["tp1", "tp2-sp", "pp2"])
+@pytest.mark.parametrize("tp,pp,sp,world", [(1, 1, False, 1), (2, 1, True, 2), (1, 2, False, 2), (1, 1, False, 2),
+                                            (2, 1, True, 4)],
+                         ids=["tp1", "tp2-sp", "pp2", "dp2", "tp2-sp-dp2"])
 def test_packed_pairs_match_unpacked(models, lora_single, tmp_path, tp, pp, sp, world):
-    """Pairs packed two to a row (one bin a micro-batch, so two micro-batches): loss, rewards, log-probs and
-    every LoRA gradient equal the unpacked single process within 1e-5, for sigmoid, IPO (per-token means:
-    the target counts are per segment) and the SFT term (the chosen segments' NLL); the reference (adapters
-    disabled) is computed on the packed rows too."""
+    """Pairs packed two to a row (one bin a micro-batch, so two micro-batches; at DP=2 one on each DP rank):
+    loss, rewards, log-probs and every LoRA gradient equal the unpacked single process within 1e-5 (and so
+    the packed single process, ``tp1``), for sigmoid, IPO (per-token means: the target counts are per
+    segment) and the SFT term (the chosen segments' NLL, normalised by the global batch's chosen tokens,
+    which each DP rank knows); the reference (adapters disabled) is computed on the packed rows too."""
     variants = ["sigmoid", "ipo", "sigmoid+sft"]
     results = run_distributed(_ours_worker, world, tp, pp, sp, 1, str(models / "base"), variants, str(tmp_path),
                               adapter_dir=str(models / "adapter"), packed_length=PACKED_LENGTH, timeout=250)

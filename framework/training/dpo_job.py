@@ -154,26 +154,31 @@ def build_reference(kind: str, cfg, model, model_cfg, rt, data, pad_id: int, che
 
 
 def _validator(cfg, model, reference, val_pairs, opts, pad_id: int, rt):
-    """A function giving the DPO metrics over the first trainer.eval_samples validation pairs (rounded down
-    to whole micro-batch x DP groups), the same at every layout."""
+    """A function giving the DPO metrics over the first trainer.eval_samples validation pairs (all of them
+    for null), exactly those pairs at every layout, so validations before and after a resume at another
+    data-parallel size compare (early stopping, the best checkpoint). DP rank ``r`` takes the ``r``-th
+    contiguous slice of ``ceil(n / DP)`` pairs (the last ranks fewer, possibly none), in micro-batches of up
+    to trainer.micro_batch_size pairs, each padded to its own longest row: evaluation has no collective
+    over DP before the final sum of the metrics, so ranks may run different numbers of micro-batches."""
+    from megatron.core import parallel_state as ps
+
     from framework.config.errors import ConfigError
+    from framework.data.preference import collate_pairs
     from framework.training.dpo import dpo_evaluate
 
     tr = cfg.trainer
     mbs = int(tr.micro_batch_size)
-    group = mbs * rt.dp
     n = len(val_pairs) if tr.get("eval_samples") is None else min(int(tr.eval_samples), len(val_pairs))
-    if n < group:
-        raise ConfigError(f"trainer.eval_samples={n} (validation pairs available: {len(val_pairs)}) is fewer than "
-                          f"micro_batch_size x data-parallel size = {group}")
-    groups = [list(range(i, i + group)) for i in range(0, n - n % group, group)]
+    if n < 1:
+        raise ConfigError(f"trainer.eval_samples={tr.eval_samples}: expected at least 1 validation pair")
+    per_rank = math.ceil(n / rt.dp)
+    rank = ps.get_data_parallel_rank()
+    mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
+    chunks = [mine[i:i + mbs] for i in range(0, len(mine), mbs)]
+    batches = [collate_pairs([val_pairs[i] for i in c], pad_id, _pad_multiple(rt)) for c in chunks]
 
     def validate_now():
-        batches = []
-        for g in groups:
-            mb, idx = pair_batches(g, val_pairs, mbs, pad_id, rt)
-            reference.attach(mb, idx, "validation")
-            batches += mb
+        reference.attach(batches, chunks, "validation")
         return dpo_evaluate(model, batches, opts, cfg.precision)
 
     return validate_now
