@@ -79,7 +79,7 @@ def test_split_and_test_file_match_hugging_face(tmp_path, tiny_tokenizer_dir):
     base = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     # before training LoRA B = 0: the job's validation loss is the base model's over the first
     # trainer.eval_samples held-out samples
-    first_held_out = [held_out[i] for i in range(int(cfg.trainer.eval_samples))]
+    first_held_out = [held_out[i] for i in range(min(int(cfg.trainer.eval_samples), len(held_out)))]
     assert result.val_loss_before == pytest.approx(hf_mean_loss(base, first_held_out), rel=1e-4)
     peft_dir = tmp_path / "peft"
     export_peft(result.adapter_dir, peft_dir)

@@ -442,43 +442,43 @@ def _batches(indices, dataset, cfg, tokenizer, rt, bins=None):
 
 
 def _validator(cfg, model, tokenizer, val_set, rt):
-    """A function giving the mean validation loss per target token over the first trainer.eval_samples
-    validation samples (rounded down to whole micro-batch x DP groups), the same at every layout."""
-    from framework.training.step import evaluate
+    """A function giving the mean validation loss per target token over exactly the first
+    trainer.eval_samples validation samples (all of them when unset), the same at every layout."""
+    from framework.data.views import Subset
 
-    tr = cfg.trainer
-    group = int(tr.micro_batch_size) * rt.dp
-    n = len(val_set) if tr.get("eval_samples") is None else min(int(tr.eval_samples), len(val_set))
-    if n < group:
+    n = len(val_set) if cfg.trainer.get("eval_samples") is None else min(int(cfg.trainer.eval_samples), len(val_set))
+    if n < 1:
         from framework.config.validate import ConfigError
 
-        raise ConfigError(f"trainer.eval_samples={n} (validation samples available: {len(val_set)}) is fewer "
-                         f"than micro_batch_size x data-parallel size = {group}")
-    groups = [list(range(i, i + group)) for i in range(0, n - n % group, group)]
+        raise ConfigError(f"trainer.eval_samples={cfg.trainer.eval_samples}: validation needs at least one sample "
+                          f"(validation samples available: {len(val_set)})")
+    first = Subset(val_set, range(n))
+    return lambda: _mean_loss(first, cfg, model, tokenizer, rt)
 
-    def validate_now():
-        return evaluate(model, [mb for g in groups for mb in _batches(g, val_set, cfg, tokenizer, rt)],
-                        cfg.precision)
 
-    return validate_now
+def _mean_loss(samples, cfg, model, tokenizer, rt) -> float:
+    """Mean loss per target token over ``samples``. The last micro-batch x DP group is filled with
+    zero-target samples (``framework.data.views.Padded``): no sample is left out or counted twice, so the
+    loss is the same at every layout."""
+    from framework.data.views import Padded
+    from framework.training.step import evaluate
+
+    group = int(cfg.trainer.micro_batch_size) * rt.dp
+    padded = Padded(samples, group)
+    groups = [list(range(i, i + group)) for i in range(0, len(padded), group)]
+    return evaluate(model, [mb for g in groups for mb in _batches(g, padded, cfg, tokenizer, rt)], cfg.precision)
 
 
 def _evaluate_test(cfg, model, tokenizer, rt) -> float | None:
     """Mean loss per target token over every sample of data.test (None without one), evaluated as
-    validation is. The last micro-batch x DP group is filled with zero-target samples
-    (``framework.data.views.Padded``), so no sample is left out and the loss is the same at every layout.
-    The file was validated with the rest before training; with the data cache this maps it again."""
+    validation is. The file was validated with the rest before training; with the data cache this maps
+    it again."""
     if not cfg.data.get("test"):
         return None
     from framework.data.prepare import prepare_file
-    from framework.data.views import Padded
-    from framework.training.step import evaluate
 
     test_set, _ = prepare_file(cfg.data, tokenizer, cfg.data.test)
-    group = int(cfg.trainer.micro_batch_size) * rt.dp
-    padded = Padded(test_set, group)
-    groups = [list(range(i, i + group)) for i in range(0, len(padded), group)]
-    loss = evaluate(model, [mb for g in groups for mb in _batches(g, padded, cfg, tokenizer, rt)], cfg.precision)
+    loss = _mean_loss(test_set, cfg, model, tokenizer, rt)
     log.info("test loss %.4f (perplexity %.2f) over %d samples of %s", loss, math.exp(loss), len(test_set),
              cfg.data.test)
     return loss
