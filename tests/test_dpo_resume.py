@@ -41,6 +41,8 @@ MODES = {
     "full-precomputed": ["peft=none", "dpo.reference=precomputed", "dpo.sft_weight=0.3"],
     "lora-packed": ["peft.dropout=0.1", "data.packing=true", "trainer.global_batch_size=2",
                     "trainer.micro_batch_size=1"],
+    # optimizer state written in megatron's background writer, published on finalize
+    "lora-async_save": ["trainer.async_save=true"],
 }
 
 

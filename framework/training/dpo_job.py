@@ -202,7 +202,7 @@ def run(cfg: DictConfig) -> DPOResult:
     par, tr = cfg.parallel, cfg.trainer
     rt = rtd.initialize(tp=int(par.tensor), pp=int(par.pipeline), sp=bool(par.sequence), seed=int(cfg.seed))
     out = Path(cfg.output_dir)
-    ckpts = Checkpoints(out / "checkpoints")
+    ckpts = Checkpoints(out / "checkpoints", async_save=bool(cfg.trainer.get("async_save", False)))
     resume_from = _resume_point(cfg, ckpts, rt)
     if rt.is_main:
         from framework.data.report import format_reports
@@ -270,6 +270,7 @@ def run(cfg: DictConfig) -> DPOResult:
             log.info("step %d/%d %s lr %.3e grad_norm %s", step, total_steps, m.format(), res.lr,
                      "n/a" if res.grad_norm is None else f"{res.grad_norm:.3f}")
         tracker.scalars(step, m.scalars("train") | {"train/lr": res.lr, "train/grad_norm": res.grad_norm})
+        ckpts.finalize(blocking=False)  # publish a background checkpoint save that every rank has finished
         improved = False
         if step % int(tr.eval_interval) == 0 or step == total_steps:
             val = validate_now()
@@ -283,6 +284,7 @@ def run(cfg: DictConfig) -> DPOResult:
         if improved or loop.finished or paused or (save_interval is not None and step % int(save_interval) == 0):
             save_job_checkpoint(ckpts, cfg, model_cfg, rt, model=model, optimizer=optimizer, scheduler=scheduler,
                                 order=order, stopper=stopper, loop=loop, best=improved, also=reference.save)
+    ckpts.finalize()  # wait for a background save and publish it before anything reads the checkpoints
     bar.close()
     tracker.close()
 
