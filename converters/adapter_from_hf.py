@@ -4,8 +4,9 @@ LoRA (incl. rsLoRA and DoRA) and IA3. HF's separate q/k/v (gate/up) LoRA pairs b
 shared-A form exactly: identical A's are kept, different ones are stacked into a LoRA of 3x (2x) the rank
 with block-diagonal B (see framework/checkpoint/peft_import.py). Module names are the model family's
 (GPT-2's c_attn/c_proj/c_fc, Falcon's query_key_value/dense/..., Starcoder2's, Nemotron's, Mixtral's
-attention; framework/models/peft_names.py); a fused HF module (c_attn, query_key_value) maps to our fused
-layer as it is. The architecture comes from --model: an
+attention; T5's SelfAttention/EncDecAttention/DenseReluDense modules of both stacks, the cross-attention's
+q, k/v, o becoming our cross_q, cross_kv, cross_proj; framework/models/peft_names.py); a fused HF module
+(c_attn, query_key_value) maps to our fused layer as it is. The architecture comes from --model: an
 HF model directory (config.json) or our checkpoint (config.yaml, or a .tar of it). The result loads with
 framework/checkpoint/adapter.py load_adapter at any TP/PP, or as a job's adapter.
 """

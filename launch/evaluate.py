@@ -3,7 +3,8 @@
 The same as ``python launch/generate.py mode=eval ...``: the loss and perplexity of each record's reference
 (teacher forced, completion tokens only, as validation) and exact match / token F1 of the completion
 generated from its prompt (SQuAD normalisation). Writes per-record results (output) and a JSON report
-(report), and prints a table. ``python launch/generate.py --help`` lists every key.
+(report), and prints a table. ``python launch/generate.py --help`` lists every key. A T5 (encoder-decoder)
+scores its seq2seq samples (encoder input = prompt + EOS, targets = completion + EOS), as its training does.
 
 Examples:
   python launch/evaluate.py input=data/humaneval/val.jsonl generate.max_new_tokens=256

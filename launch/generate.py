@@ -17,6 +17,9 @@ Input (JSONL, one object per line; other keys are kept in the output):
   {"messages": [{"role": "user", ...}]}      rendered with the tokenizer's chat template, add_generation_prompt
   mode=eval also needs the reference: "completion" (a string, or a list of strings) with "prompt"; with
   "messages", the last message is the assistant's reference answer.
+  T5 (model=t5_base|t5_large|t5_tiny, encoder-decoder): "prompt" records only; the encoder input is the
+  prompt + EOS (encoded once per batch), the decoder re-runs over its whole prefix for every new token (no
+  KV cache); TP and DP, not PP.
 
 Output:
   generate: output (default INPUT.completions.jsonl) = each input record + "completion" (generated text)

@@ -121,9 +121,9 @@ def _module_path(family: str, layer_number: int | None, target: str, module: str
     return peft_names(family, stack).layer.format(i=layer_number - 1) + module
 
 
-def layer_prefix(family: str, i: int) -> str:
-    """HF prefix of layer ``i`` (0-based) in the family's PEFT keys."""
-    return peft_names(family).layer.format(i=i)
+def layer_prefix(family: str, i: int, stack: str | None = None) -> str:
+    """HF prefix of layer ``i`` (0-based) in the family's PEFT keys (of ``stack``'s layers, for T5)."""
+    return peft_names(family, stack).layer.format(i=i)
 
 
 # -- what the file must hold, from the config alone ------------------------------------------------------

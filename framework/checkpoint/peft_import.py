@@ -26,6 +26,13 @@ tensors are taken as they are (adapter.py reorders their rows on load). IA3 on s
 query rows at one (ours scales keys and values only); ``feedforward_modules`` must be exactly fc2's module.
 ``fan_in_fan_out`` is accepted for Conv1D families (GPT-2), where HF PEFT sets it anyway. Modules we do not
 wrap (Mixtral's experts and router) are refused with the reason.
+
+Encoder-decoder (T5): the family's names are per stack (``encoder.block.{i}.layer.0.SelfAttention.q``,
+``decoder.block.{i}.layer.1.EncDecAttention.k``, ...). HF PEFT's entries select modules of both stacks at
+once (``q`` is every SelfAttention.q and EncDecAttention.q); each of our targets covers its modules in both
+stacks (qkv, proj, fc1, fc2) or in the decoder (cross_q = EncDecAttention.q, cross_kv = EncDecAttention.k/v
+fused as above, cross_proj = EncDecAttention.o), so a module must be selected in both stacks or in neither.
+LoRA and rsLoRA import (what the T5 job trains); DoRA and IA3 adapters of a T5 are refused.
 """
 
 from __future__ import annotations
@@ -36,8 +43,8 @@ from pathlib import Path
 
 import torch
 
-from framework.checkpoint.adapter import (FORMAT_VERSION, AdapterError, _write_atomically, check_adapter_tensors,
-                                          hf_module, layer_prefix, peft_names, target_modules)
+from framework.checkpoint.adapter import (FORMAT_VERSION, AdapterError, _stacks, _write_atomically,
+                                          check_adapter_tensors, hf_module, layer_prefix, peft_names, target_modules)
 from framework.models.peft_names import LAYER_TARGETS
 
 PEFT_CONFIG = "adapter_config.json"
@@ -81,15 +88,17 @@ class _Selection:
         self.entries, self.key, self.path, self.cfg = list(entries or []), key, path, model_cfg
         self.used: set[str] = set()
 
-    def layer_module(self, module: str) -> bool:
-        """Whether ``module`` (under a layer) is selected; refused when only some layers are."""
+    def layer_module(self, module: str, stack: str | None = None) -> bool:
+        """Whether ``module`` (under a layer of ``stack``, T5's encoder or decoder) is selected; refused when
+        only some layers are."""
         fam, hits = self.cfg.family, []
-        for i in range(self.cfg.num_layers):
-            full = layer_prefix(fam, i) + module
+        for i in range(dict(_stacks(self.cfg))[stack]):
+            full = layer_prefix(fam, i, stack) + module
             hits.append(_matches(full, self.entries))
             self.used.update(e for e in self.entries if full == e or full.endswith("." + e))
         if any(hits) and not all(hits):
-            raise PeftImportError(f"{self.path}: {self.key} {self.entries} select {module} in layers "
+            where = f"the {stack}'s layers" if stack else "layers"
+            raise PeftImportError(f"{self.path}: {self.key} {self.entries} select {module} in {where} "
                                   f"{[i for i, h in enumerate(hits) if h]} only; our adapters cover every layer")
         return all(hits) and bool(hits)
 
@@ -122,6 +131,10 @@ def _check_config(cfg: dict, path: Path, model_cfg) -> str:
     for key in _REFUSED:
         if cfg.get(key):
             raise PeftImportError(f"{path}: {key}={cfg[key]!r} is not supported (one setting for every layer)")
+    if names.stacks and (kind != "LORA" or cfg.get("use_dora")):
+        raise PeftImportError(f"{path}: {'DoRA' if kind == 'LORA' else kind} adapters of the encoder-decoder "
+                              f"{model_cfg.family} do not import (its job trains LoRA and full weights); LoRA and "
+                              f"rsLoRA do")
     if cfg.get("bias", "none") != "none":
         raise PeftImportError(f"{path}: bias={cfg['bias']!r}; only bias='none' adapters import")
     if cfg.get("fan_in_fan_out") and not names.fan_in_fan_out:
@@ -132,28 +145,41 @@ def _check_config(cfg: dict, path: Path, model_cfg) -> str:
 
 def _known(model_cfg, method: str) -> list[str]:
     names = peft_names(model_cfg.family)
+    if names.stacks:  # T5: modules without their sub-layer index (SelfAttention.q, EncDecAttention.k, ...)
+        return target_modules(method, _layer_targets(model_cfg), model_cfg.gated_linear_unit, model_cfg.family)
     mods = list(names.ia3.values()) if method == "ia3" else names.all_modules()
     return [names.target_name(m) for m in dict.fromkeys(mods)]
 
 
+def _layer_targets(model_cfg) -> list[str]:
+    """Our layer targets that have HF modules in some stack of the model, in our order (T5: + cross_*)."""
+    fam, gated = model_cfg.family, model_cfg.gated_linear_unit
+    stacks = [peft_names(fam, stack) for stack, _ in _stacks(model_cfg)]
+    order = dict.fromkeys([*LAYER_TARGETS, *(t for names in stacks for t in names.targets)])
+    return [t for t in order if any(names.module(t, gated) is not None for names in stacks)]
+
+
 def _lora_groups(tensors: dict, sel: _Selection, model_cfg, dora: bool):
-    """{target: {layer: [(module, A or None, B or None, magnitude or None), ...]}} for the targeted groups."""
-    names = peft_names(model_cfg.family)
+    """{target: {(stack, layer): [(module, A or None, B or None, magnitude or None), ...]}} for the targeted
+    groups (stack None for a decoder-only model; T5's 'encoder' / 'decoder')."""
+    names, fam, gated = peft_names(model_cfg.family), model_cfg.family, model_cfg.gated_linear_unit
     if sel.model_module(names.embedding) or sel.model_module(names.output):
         raise PeftImportError(f"LoRA on {names.target_name(names.embedding)} / {names.target_name(names.output)} "
                               f"does not import yet; adapt only the linear layers")
-    modules = {t: hf_module(t, model_cfg.gated_linear_unit, model_cfg.family).names
-               for t in LAYER_TARGETS if names.module(t, model_cfg.gated_linear_unit) is not None}
-    selected = {t: [sel.layer_module(m) for m in mods] for t, mods in modules.items()}
+    modules = {(t, stack): hf_module(t, gated, fam, stack).names for t in _layer_targets(model_cfg)
+               for stack, _ in _stacks(model_cfg) if peft_names(fam, stack).module(t, gated) is not None}
+    selected = {key: [sel.layer_module(m, key[1]) for m in mods] for key, mods in modules.items()}
     sel.check_all_used(_known(model_cfg, "lora"))
-    targets = [t for t in modules if any(selected[t])]
-    groups = {}
-    for t in targets:
-        groups[t] = {}
-        for i in range(model_cfg.num_layers):
+    _check_stacks_agree(selected, modules, sel)
+    targets = [t for t in _layer_targets(model_cfg) if any(any(on) for (tt, _), on in selected.items() if tt == t)]
+    groups = {t: {} for t in targets}
+    for (t, stack), mods in modules.items():
+        if t not in groups:
+            continue
+        for i in range(dict(_stacks(model_cfg))[stack]):
             entries = []
-            for m, on in zip(modules[t], selected[t]):
-                p = layer_prefix(model_cfg.family, i) + m
+            for m, on in zip(mods, selected[(t, stack)]):
+                p = layer_prefix(fam, i, stack) + m
                 if on:
                     a, b = tensors.pop(f"{p}.lora_A.weight", None), tensors.pop(f"{p}.lora_B.weight", None)
                     if a is None or b is None:
@@ -167,8 +193,23 @@ def _lora_groups(tensors: dict, sel: _Selection, model_cfg, dora: bool):
                                           f"imports only when every module of the group is targeted")
                 else:
                     entries.append((m, None, None, None))
-            groups[t][i] = entries
+            groups[t][(stack, i)] = entries
     return targets, groups
+
+
+def _check_stacks_agree(selected: dict, modules: dict, sel: _Selection) -> None:
+    """T5: one of our targets covers its modules in both stacks, so target_modules must select a module of it
+    in the encoder exactly when they select it in the decoder."""
+    for t in dict.fromkeys(t for t, _ in selected):
+        stacks = [s for tt, s in selected if tt == t]
+        for j, module in enumerate(modules[(t, stacks[0])]):
+            on = {s: selected[(t, s)][j] for s in stacks}
+            if len(set(on.values())) > 1:
+                name = module.split(".", 1)[1]
+                raise PeftImportError(f"{sel.path}: {sel.key} {sel.entries} select {name} in the "
+                                      f"{' and '.join(s for s in stacks if on[s])} but not the "
+                                      f"{' and '.join(s for s in stacks if not on[s])}; our T5 adapters apply "
+                                      f"{t} to both stacks (select it in both, e.g. {name.split('.')[-1]!r})")
 
 
 def _fuse(entries, r: int, fan_in: int):
@@ -235,9 +276,6 @@ def import_peft(peft_dir, out_dir, model_cfg, base: dict | None = None) -> dict:
     from framework.checkpoint.adapter import expected_shapes
 
     peft_dir, out_dir = Path(peft_dir), Path(out_dir)
-    if peft_names(model_cfg.family).stacks:  # T5: two stacks and a cross-attention, which this import does not map
-        raise AdapterError(f"{peft_dir}: importing HF PEFT adapters of the encoder-decoder {model_cfg.family} is not "
-                           f"implemented (our T5 adapters, trained by the job, export to HF PEFT)")
     cfg, tensors = _read(peft_dir)
     method = _check_config(cfg, peft_dir / PEFT_CONFIG, model_cfg)
     fam, gated = model_cfg.family, model_cfg.gated_linear_unit
@@ -255,16 +293,16 @@ def import_peft(peft_dir, out_dir, model_cfg, base: dict | None = None) -> dict:
         want = expected_shapes(model_cfg, targets, 1, method)  # rank 1: read fan-in/fan-out from the shapes
         fused = {}
         for t in targets:
-            for i, entries in groups[t].items():
-                fan_in = want[f"{layer_prefix(fam, i)}{entries[0][0]}.lora_A.weight"][1]
-                fused[(t, i)] = _fuse(entries, r, fan_in)
+            for (stack, i), entries in groups[t].items():
+                fan_in = want[f"{layer_prefix(fam, i, stack)}{entries[0][0]}.lora_A.weight"][1]
+                fused[(t, stack, i)] = _fuse(entries, r, fan_in)
         R = max(A.shape[0] for A, _ in fused.values())
         out = {}
-        for (t, i), (A, Bs) in fused.items():
+        for (t, stack, i), (A, Bs) in fused.items():
             A_pad = torch.zeros(R, A.shape[1], dtype=A.dtype)
             A_pad[:A.shape[0]] = A
-            for (m, _, _, mag), b in zip(groups[t][i], Bs):
-                p = f"{layer_prefix(fam, i)}{m}"
+            for (m, _, _, mag), b in zip(groups[t][(stack, i)], Bs):
+                p = f"{layer_prefix(fam, i, stack)}{m}"
                 fan_out = want[f"{p}.lora_B.weight"][0]
                 B = torch.zeros(fan_out, R, dtype=A.dtype)
                 if isinstance(b, tuple):  # block-diagonal placement (j, out, b)

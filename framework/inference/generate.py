@@ -36,6 +36,12 @@ Without the cache (``use_cache=False``) every step re-runs the whole of every un
 simple, and the reference the cached path is tested against; it also serves models built with sequence
 parallelism (which the one-token decode cannot use).
 
+Encoder-decoder models (T5) take the encoder inputs as prompts and go through
+framework/inference/encoder_decoder.py instead: the encoder once per batch, then the decoder re-run over its
+whole prefix at every step (no KV cache: megatron-core 0.16.1's inference context does not serve T5; there
+``use_cache``, ``padding_side`` and ``micro_batch_size`` do not apply). Stopping, sampling and agreement
+between ranks are the ones below.
+
 Agreement between ranks. The last pipeline stage decides the next tokens (:mod:`sampling`: argmax, or a
 draw with each row's own generator, seeded per prompt); TP rank 0 of that stage broadcasts them over TP,
 then the last stage over the pipeline, so every rank holds the same tokens and leaves the loop together.
@@ -98,8 +104,9 @@ def _share_from_last_stage(values: torch.Tensor, device) -> torch.Tensor:
     return t.cpu()
 
 
-class _Rows:
-    """Per-row progress: completions so far, which rows are done, the draws of the sampling rows."""
+class Rows:
+    """Per-row progress: completions so far, which rows are done, the draws of the sampling rows (shared by
+    the decoder-only loops here and the encoder-decoder one)."""
 
     def __init__(self, b: int, cfg: GenerationConfig, seeds: list[int]):
         self.cfg = cfg
@@ -198,7 +205,7 @@ def _padding_side(gpt, wanted: str) -> str:
     return wanted
 
 
-def _generate_cached(model, prompts, cfg: GenerationConfig, rows: _Rows, pad_id: int) -> None:
+def _generate_cached(model, prompts, cfg: GenerationConfig, rows: Rows, pad_id: int) -> None:
     from framework.inference.kv_cache import CachedForward
     from framework.inference.logits import unwrap_model
     from framework.peft.virtual_tokens import num_virtual_tokens
@@ -233,7 +240,7 @@ def _micro_batch(b: int, wanted: int | None) -> int:
 
 
 # -- without the cache ------------------------------------------------------------------------------------
-def _generate_uncached(model, prompts, cfg: GenerationConfig, rows: _Rows, pad_id: int) -> None:
+def _generate_uncached(model, prompts, cfg: GenerationConfig, rows: Rows, pad_id: int) -> None:
     from framework.inference.logits import forward_logits, unwrap_model
 
     gpt = unwrap_model(model)
@@ -257,10 +264,14 @@ def _generate_uncached(model, prompts, cfg: GenerationConfig, rows: _Rows, pad_i
 # -- entry points ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], cfg: GenerationConfig, pad_id: int = 0,
-             seeds: list[int] | None = None) -> list[Completion]:
+             seeds: list[int] | None = None, decoder_start_id: int | None = None) -> list[Completion]:
     """Completions of ``prompts`` (see the module docstring). ``seeds``: one sampling seed per prompt
     (default ``cfg.seed + i``), so a prompt draws the same tokens whatever batch it is in. ``pad_id`` fills
-    slots that are never attended to. Does not change the model's train/eval mode."""
+    slots that are never attended to. An encoder-decoder model completes its encoder inputs ``prompts``
+    from ``decoder_start_id`` (default ``pad_id``: T5's decoder start is its pad token). Does not change the
+    model's train/eval mode."""
+    from framework.inference import encoder_decoder
+
     problems = cfg.problems()
     if problems:
         raise ValueError("generation settings: " + "; ".join(problems))
@@ -269,11 +280,15 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig, pad_id: int
     seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(len(prompts))]
     if len(seeds) != len(prompts):
         raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
-    rows = _Rows(len(prompts), cfg, seeds)
+    rows = Rows(len(prompts), cfg, seeds)
     was_training = model.training
     model.eval()
     try:
-        (_generate_cached if cfg.use_cache else _generate_uncached)(model, prompts, cfg, rows, pad_id)
+        if encoder_decoder.is_encoder_decoder(model):
+            start = pad_id if decoder_start_id is None else decoder_start_id
+            encoder_decoder.decode(model, prompts, rows, start, pad_id)
+        else:
+            (_generate_cached if cfg.use_cache else _generate_uncached)(model, prompts, cfg, rows, pad_id)
     finally:
         model.train(was_training)
     return rows.out

@@ -20,6 +20,11 @@ checked before process groups start. Prompts are sorted by length and cut into b
 (similar lengths waste fewer slots); data-parallel ranks take every DP-th batch; rank 0 gathers and
 writes. Prompt i samples with seed ``seed + i``, so the output is the same at any batch size and layout
 (greedy: up to float rounding between layouts).
+
+Encoder-decoder models (T5) run the same job on ``"prompt"`` records: the encoder input is the prompt + EOS
+and the completion is decoded from T5's decoder start (the pad token) by framework/inference/encoder_decoder.py
+(encoder once per batch, decoder recomputed each step, no KV cache); the reference loss is the loss of the
+seq2seq training sample (completion + EOS as targets); at TP (with DP), not PP.
 """
 
 from __future__ import annotations
@@ -68,30 +73,37 @@ def stop_ids(tokenizer, tokens) -> tuple[int, ...]:
 
 def prepare(cfg: DictConfig, world_size: int):
     """Validate the config, load the tokenizer and read every request; no process group needed."""
+    from framework.config.errors import ConfigError
     from framework.config.validate import validate_generation
     from framework.data.tokenizer import Tokenizer
     from framework.inference.loading import trained_peft_config
     from framework.inference.options import generation_config
     from framework.inference.requests import read_requests
     from framework.models import hub
+    from framework.training.t5_step import T5_METHODS
 
     model_cfg = validate_generation(cfg, world_size)
     if cfg.model.source != "random":
         hub.model_config_for(cfg.model)  # converts a bundled model once; checks model.arch against config.json
     tokenizer = Tokenizer.from_dir(hub.tokenizer_dir(cfg.model))
     peft = trained_peft_config(cfg.adapter) if cfg.get("adapter") else {}
+    seq2seq = model_cfg.num_decoder_layers is not None  # T5: the prompt is the encoder's, apart from the decoder's
+    if seq2seq and peft.get("method", "none") not in T5_METHODS:
+        raise ConfigError(f"adapter={cfg.adapter}: a {peft['method']} adapter; an encoder-decoder model (T5) "
+                          f"takes {' or '.join(T5_METHODS)} (LoRA adapters, or full fine-tuned weights)")
     n_virtual = int(peft.get("num_virtual_tokens") or 0)
     gen = generation_config(cfg.generate, stop_ids(tokenizer, cfg.generate.get("stop_tokens")), int(cfg.seed))
     room = model_cfg.max_position_embeddings - n_virtual
     max_length = (cfg.get("eval") or {}).get("max_length") or room
-    requests = read_requests(cfg.input, tokenizer, room - gen.max_new_tokens, references=cfg.mode == "eval",
-                             max_length=min(int(max_length), room))
+    max_prompt = room if seq2seq else room - gen.max_new_tokens
+    requests = read_requests(cfg.input, tokenizer, max_prompt, references=cfg.mode == "eval",
+                             max_length=min(int(max_length), room), seq2seq=seq2seq)
     cut = [r.line for r in requests if r.truncated]
     if cut:
-        log.warning("%d prompt(s) longer than %d tokens (max_position_embeddings - generate.max_new_tokens%s) "
-                    "keep only their last tokens; lines %s", len(cut), room - gen.max_new_tokens,
-                    " - virtual tokens" if n_virtual else "",
-                    ", ".join(map(str, cut[:10])) + (" ..." if len(cut) > 10 else ""))
+        why = ("max_position_embeddings, eos included" if seq2seq else "max_position_embeddings - "
+               "generate.max_new_tokens" + (" - virtual tokens" if n_virtual else ""))
+        log.warning("%d prompt(s) longer than %d tokens (%s) keep only their last tokens; lines %s", len(cut),
+                    max_prompt, why, ", ".join(map(str, cut[:10])) + (" ..." if len(cut) > 10 else ""))
     return model_cfg, tokenizer, requests, gen
 
 

@@ -18,6 +18,12 @@ The reference sample scored by the loss is the training sample of the record (pr
 loss on the last assistant turn, earliest exchanges dropped to fit). A reference that cannot fit is a
 ``DataError`` naming the line. Generation prompts longer than ``max_prompt_tokens`` keep their last
 ``max_prompt_tokens`` tokens (counted in ``Request.truncated``).
+
+Encoder-decoder models (``seq2seq=True``, T5) read ``"prompt"`` records only (as their training does):
+the prompt ids are the encoder input ``encode(prompt) + [eos]`` (no bos); a longer one keeps its last
+``max_prompt_tokens - 1`` prompt tokens and the eos. The reference sample is framework/data/seq2seq.py's
+(encoder input and, as targets, ``encode(completion) + [eos]``), each side at most ``max_length`` tokens: the
+prompt is cut from the left, and a reference longer than that is a ``DataError`` naming the line.
 """
 
 from __future__ import annotations
@@ -54,8 +60,8 @@ def _references(path, line: int, obj: dict) -> list[str]:
 
 
 class _Encoder:
-    def __init__(self, tokenizer, path):
-        self.tokenizer, self.path, self._chat = tokenizer, path, None
+    def __init__(self, tokenizer, path, seq2seq: bool = False):
+        self.tokenizer, self.path, self.seq2seq, self._chat = tokenizer, path, seq2seq, None
 
     def chat(self, loss_on: str = "last"):
         from framework.data.chat import ChatEncoder
@@ -68,6 +74,8 @@ class _Encoder:
         return self._chat
 
     def prompt_ids(self, text: str) -> list[int]:
+        if self.seq2seq:  # the encoder input
+            return self.tokenizer.encode(text) + [self.tokenizer.eos_id]
         bos = self.tokenizer.bos_id
         return ([] if bos is None else [bos]) + self.tokenizer.encode(text)
 
@@ -96,9 +104,16 @@ def _request(enc: _Encoder, line: int, obj: dict, references: bool, max_length: 
         req = Request(line, obj, enc.prompt_ids(obj["prompt"]))
         if references:
             req.references = _references(path, line, obj)
-            req.target, _ = build_sample(tok.encode(obj["prompt"]), tok.encode(req.references[0]), tok.bos_id,
-                                         tok.eos_id, max_length)
+            if enc.seq2seq:
+                req.target = _seq2seq_target(path, line, tok, obj["prompt"], req.references[0], max_length)
+            else:
+                req.target, _ = build_sample(tok.encode(obj["prompt"]), tok.encode(req.references[0]), tok.bos_id,
+                                             tok.eos_id, max_length)
         return _check_target(req, path, max_length)
+    if enc.seq2seq:
+        raise DataError(path, line, '"messages" records are not supported for an encoder-decoder model (T5), '
+                                    'whose training reads prompt/completion records: give "prompt" (and, to '
+                                    'evaluate, "completion")')
     messages, tools = parse_record(path, line, obj)
     if not references:
         return Request(line, obj, enc.render(line, messages, tools))
@@ -114,6 +129,20 @@ def _request(enc: _Encoder, line: int, obj: dict, references: bool, max_length: 
     return _check_target(req, path, max_length)
 
 
+def _seq2seq_target(path, line: int, tok, prompt: str, reference: str, max_length: int | None) -> Sample:
+    """The encoder-decoder training sample of a reference (the prompt cut from the left to fit)."""
+    from framework.data.seq2seq import build_seq2seq
+
+    completion = tok.encode(reference)
+    limit = max_length or len(completion) + 1
+    if len(completion) + 1 > limit:
+        raise DataError(path, line, f"the reference is {len(completion)} tokens + eos, more than the {limit} "
+                                    "decoder tokens scored; raise the evaluation max_length")
+    prompt_ids = tok.encode(prompt)
+    sample, _, _ = build_seq2seq(prompt_ids, completion, tok.eos_id, max_length or len(prompt_ids) + 1, limit)
+    return sample
+
+
 def _check_target(req: Request, path, max_length) -> Request:
     if req.references is not None and req.target is None:
         raise DataError(path, req.line, f"the reference does not fit in {max_length} tokens (with its prompt "
@@ -122,18 +151,18 @@ def _check_target(req: Request, path, max_length) -> Request:
 
 
 def read_requests(path: str | os.PathLike, tokenizer, max_prompt_tokens: int, references: bool = False,
-                  max_length: int | None = None) -> list[Request]:
+                  max_length: int | None = None, seq2seq: bool = False) -> list[Request]:
     """Every record of ``path`` as a :class:`Request` (see the module docstring); ``DataError`` on bad input.
-    ``max_length``: the longest reference sample (evaluation)."""
-    if max_prompt_tokens < 1:
+    ``max_length``: the longest reference sample (evaluation); ``seq2seq``: for an encoder-decoder model."""
+    if max_prompt_tokens < (2 if seq2seq else 1):
         raise ValueError(f"max_prompt_tokens={max_prompt_tokens}: no room for a prompt")
-    enc = _Encoder(tokenizer, os.fspath(path))
+    enc = _Encoder(tokenizer, os.fspath(path), seq2seq)
     out = []
     for line, obj in read_jsonl(path):
         req = _request(enc, line, obj, references, max_length)
         if len(req.prompt_ids) > max_prompt_tokens:
             req.truncated = len(req.prompt_ids) - max_prompt_tokens
-            req.prompt_ids = req.prompt_ids[-max_prompt_tokens:]
+            req.prompt_ids = req.prompt_ids[-max_prompt_tokens:]  # an encoder input keeps its final eos
         if not req.prompt_ids:  # an empty prompt without bos: nothing to condition on
             raise DataError(path, line, "the prompt has no tokens (empty, and the tokenizer has no bos)")
         out.append(req)

@@ -10,6 +10,10 @@ The corpus loss is ``sum_i sum_i / sum_i count_i`` -- the mean over all target t
 validation loss of training (framework/training/step.py ``evaluate``) -- and perplexity is its exp. The
 forward goes through megatron's schedule as training's does (prompt methods' virtual positions added and
 ignored); the last stage's per-sample sums are broadcast over the pipeline, so every rank returns them.
+
+Encoder-decoder models (T5): a sample is framework/data/seq2seq.py's (encoder input = prompt + EOS, targets
+= completion + EOS); it is batched by ``collate_seq2seq`` (decoder start = ``pad_id``, T5's) and its
+per-token loss comes from framework/training/t5_step.py ``seq2seq_loss``, as the job's validation loss does.
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ from framework.data.sample import Sample
 
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
-    per_token = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    if "encoder_tokens" in batch:  # encoder-decoder (T5)
+        from framework.training.t5_step import seq2seq_loss
+
+        per_token = seq2seq_loss(model, batch)
+    else:
+        per_token = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                          labels=batch["labels"])
     mask = batch["loss_mask"]
 
     def loss_func(output_tensor):
@@ -42,6 +52,8 @@ def sample_losses(model, samples: list[Sample], pad_id: int, micro_batch_size: i
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from framework.data.batching import collate
+    from framework.data.seq2seq import collate_seq2seq
+    from framework.inference.encoder_decoder import is_encoder_decoder
     from framework.inference.logits import unwrap_model
     from framework.peft.virtual_tokens import with_virtual_tokens
 
@@ -54,8 +66,10 @@ def sample_losses(model, samples: list[Sample], pad_id: int, micro_batch_size: i
     try:
         for start in range(0, len(samples), micro_batch_size):
             group = samples[start:start + micro_batch_size]
-            batch = collate(group, pad_id, pad_to_multiple_of=multiple)
-            batch = with_virtual_tokens(model, [batch])[0]
+            if is_encoder_decoder(model):
+                batch = collate_seq2seq(group, pad_id, pad_id, multiple)
+            else:
+                batch = with_virtual_tokens(model, [collate(group, pad_id, pad_to_multiple_of=multiple)])[0]
             batch = {k: v.to(device) for k, v in batch.items()}
             results = get_forward_backward_func()(
                 forward_step_func=_forward_step, data_iterator=iter([batch]), model=[model], num_microbatches=1,

@@ -29,8 +29,9 @@ falls short (each gap is filled here by a small megatron-style piece, named belo
   stages (no encoder/decoder split rank), so PP > 1 is refused with a ConfigError.
 
 Fine-tuning (framework/training/t5_step.py) calls ``T5Model.forward`` with ``lm_labels`` for megatron's
-vocab-parallel cross entropy per decoder position; :func:`t5_logits` gives full logits and :func:`t5_greedy`
-a greedy completion (no KV cache) for the job's before/after check.
+vocab-parallel cross entropy per decoder position; :func:`t5_encode` runs the encoder alone, :func:`t5_logits`
+gives full logits (from token ids, or from encoder states computed once), and :func:`t5_greedy` a greedy
+completion for the job's before/after check (framework/inference/seq2seq.py: no KV cache).
 """
 
 from __future__ import annotations
@@ -156,6 +157,13 @@ _T5_ARCH = {"normalization": "RMSNorm", "position_embedding_type": "relative", "
 
 def check_t5(model: ModelConfig, pp: int = 1) -> None:
     """Raise ConfigError naming the key when ``model`` or the layout is not a T5 this build makes."""
+    problems = t5_problems(model, pp)
+    if problems:
+        raise ConfigError("cannot build this T5:\n  - " + "\n  - ".join(problems))
+
+
+def t5_problems(model: ModelConfig, pp: int = 1) -> list[str]:
+    """What :func:`check_t5` refuses, one line per problem, each naming its key."""
     problems = [f"model.arch.{k}={getattr(model, k)!r} (a T5 needs {v!r})"
                 for k, v in _T5_ARCH.items() if getattr(model, k) != v]
     if model.num_query_groups != model.num_attention_heads:
@@ -171,8 +179,7 @@ def check_t5(model: ModelConfig, pp: int = 1) -> None:
         problems.append(f"parallel.pipeline={pp}: pipeline parallelism is not supported for the encoder-decoder "
                         f"T5 (megatron-core 0.16.1's schedules cannot split it into stages); use "
                         f"parallel.pipeline=1 with tensor/data parallelism")
-    if problems:
-        raise ConfigError("cannot build this T5:\n  - " + "\n  - ".join(problems))
+    return problems
 
 
 def build_t5(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
@@ -209,62 +216,58 @@ def build_t5(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
     return t5
 
 
+def _cross_mask(encoder_ids: torch.Tensor, encoder_mask: torch.Tensor | None, where: str) -> torch.Tensor | None:
+    """megatron's boolean mask [b, 1, 1, s_enc] (True = hidden) of HF's ``attention_mask`` (1 = token)."""
+    if encoder_mask is None:
+        return None
+    if tuple(encoder_mask.shape) != tuple(encoder_ids.shape):
+        raise ValueError(f"{where}: encoder_mask shape {tuple(encoder_mask.shape)} != encoder_ids shape "
+                         f"{tuple(encoder_ids.shape)}")
+    return (encoder_mask == 0)[:, None, None, :]
+
+
+def t5_encode(model, encoder_ids: torch.Tensor, encoder_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The encoder's final states [s_enc, b, h] (sequence-parallel: this rank's [s_enc/tp, b, h] slice) of
+    ``encoder_ids`` [b, s_enc], padding (``encoder_mask`` 0) hidden from its self-attention: what
+    :func:`t5_logits` takes as ``encoder_hidden`` to run the decoder without the encoder."""
+    from framework.inference.logits import unwrap_model
+
+    if encoder_ids.dim() != 2:
+        raise ValueError(f"t5_encode: encoder_ids must be [batch, seq], got {tuple(encoder_ids.shape)}")
+    masked = _cross_mask(encoder_ids, encoder_mask, "t5_encode")
+    return unwrap_model(model)(encoder_ids, None, masked, None, None, output_encoder_hidden_only=True)
+
+
 def t5_logits(model, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor,
-              encoder_mask: torch.Tensor | None = None) -> torch.Tensor:
+              encoder_mask: torch.Tensor | None = None, encoder_hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Full-vocabulary float32 logits [b, s_dec, V] of a T5Model, identical on every TP rank.
 
     ``encoder_ids`` [b, s_enc], ``decoder_ids`` [b, s_dec] (HF's ``input_ids`` and ``decoder_input_ids``);
     ``encoder_mask`` [b, s_enc] is HF's ``attention_mask`` (1 = token, 0 = padding): padded encoder
     positions are hidden from the encoder's self-attention and from the decoder's cross-attention. The
-    decoder is causal. Differentiable; call under ``torch.no_grad()`` for inference.
+    decoder is causal. ``encoder_hidden``: the encoder's states of these rows (:func:`t5_encode`), so only
+    the decoder runs. Differentiable; call under ``torch.no_grad()`` for inference.
     """
     from framework.inference.logits import gather_vocab_parallel, unwrap_model
 
     if encoder_ids.dim() != 2 or decoder_ids.dim() != 2 or encoder_ids.shape[0] != decoder_ids.shape[0]:
         raise ValueError(f"t5_logits: encoder_ids and decoder_ids must be [batch, seq] with one batch size, got "
                          f"{tuple(encoder_ids.shape)} and {tuple(decoder_ids.shape)}")
-    masked = None
-    if encoder_mask is not None:
-        if tuple(encoder_mask.shape) != tuple(encoder_ids.shape):
-            raise ValueError(f"t5_logits: encoder_mask shape {tuple(encoder_mask.shape)} != encoder_ids shape "
-                             f"{tuple(encoder_ids.shape)}")
-        masked = (encoder_mask == 0)[:, None, None, :]  # megatron: True where attention is forbidden
+    masked = _cross_mask(encoder_ids, encoder_mask, "t5_logits")
     t5 = unwrap_model(model)
-    logits = t5(encoder_ids, decoder_ids, masked, None, masked)  # [b, s_dec, V/tp]
+    logits = t5(encoder_ids, decoder_ids, masked, None, masked, encoder_hidden_states=encoder_hidden)  # [b, s, V/tp]
     return gather_vocab_parallel(logits).float()
 
 
-@torch.no_grad()
 def t5_greedy(model, encoder_ids: list[int], max_new_tokens: int, decoder_start_id: int, eos_id: int,
               pad_multiple: int = 1) -> list[int]:
     """Greedy completion of one encoder input: the decoder starts from ``decoder_start_id`` and appends the
     argmax token until ``eos_id`` (kept) or ``max_new_tokens``, as transformers' ``generate`` with
-    ``do_sample=False``. No KV cache: each step runs encoder and decoder again (for short checks, such as the
-    job's completion before and after training). Both sequences are right-padded to a multiple of
-    ``pad_multiple`` (sequence parallelism); the encoder's padding is masked, the decoder's lies after the
-    position read. The same on every TP rank (logits are gathered)."""
-    from framework.inference.logits import unwrap_model
+    ``do_sample=False``. The encoder runs once, the decoder over the whole prefix at each step
+    (framework/inference/seq2seq.py); under sequence parallelism both sequences are padded to a multiple of
+    the TP size (``pad_multiple`` is unused: the model's config says it). The same on every TP rank."""
+    from framework.inference.generate import GenerationConfig, generate
 
-    t5 = unwrap_model(model)
-    device = next(t5.parameters()).device
-    was_training = t5.training
-    t5.eval()
-
-    def padded(ids: list[int], fill: int) -> torch.Tensor:
-        n = -(-len(ids) // pad_multiple) * pad_multiple
-        return torch.tensor([ids + [fill] * (n - len(ids))], dtype=torch.long, device=device)
-
-    encoder = padded(list(encoder_ids), eos_id)
-    mask = torch.zeros_like(encoder)
-    mask[0, :len(encoder_ids)] = 1
-    out: list[int] = []
-    try:
-        for _ in range(max_new_tokens):
-            decoder = [decoder_start_id] + out
-            logits = t5_logits(model, encoder, padded(decoder, decoder_start_id), mask)
-            out.append(int(logits[0, len(decoder) - 1].argmax()))
-            if out[-1] == eos_id:
-                break
-    finally:
-        t5.train(was_training)
-    return out
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=(eos_id,))
+    done = generate(model, [list(encoder_ids)], cfg, pad_id=decoder_start_id, decoder_start_id=decoder_start_id)[0]
+    return done.tokens + ([eos_id] if done.finish_reason == "stop" else [])
