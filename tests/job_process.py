@@ -3,8 +3,9 @@
 import logging
 import multiprocessing as mp
 import os
-import signal
 import time
+
+from framework.runtime.spawn import end_group
 
 
 def capture_messages(logger_name: str, level: int | None = None) -> list[str]:
@@ -20,10 +21,16 @@ def capture_messages(logger_name: str, level: int | None = None) -> list[str]:
     return messages
 
 
+def _own_group(target, args):
+    os.setpgid(0, 0)  # so the kill below reaches the processes the job started too
+    target(*args)
+
+
 def kill_when_blocked(target, args, marker, what: str, timeout: float = 200) -> None:
     """Run ``target(*args)`` in a spawned process until it writes the file ``marker`` (and then blocks), then
-    SIGKILL it: a crash at exactly that point. ``what`` names the point in the failure messages."""
-    child = mp.get_context("spawn").Process(target=target, args=args)
+    SIGKILL it and everything it started: a crash at exactly that point. ``what`` names the point in the
+    failure messages."""
+    child = mp.get_context("spawn").Process(target=_own_group, args=(target, args))
     child.start()
     try:
         deadline = time.monotonic() + timeout
@@ -31,9 +38,5 @@ def kill_when_blocked(target, args, marker, what: str, timeout: float = 200) -> 
             assert child.is_alive(), f"the job exited ({child.exitcode}) before {what}"
             assert time.monotonic() < deadline, f"the job did not reach {what}"
             time.sleep(0.2)
-        os.kill(child.pid, signal.SIGKILL)
-        child.join(30)
     finally:
-        if child.is_alive():
-            child.kill()
-            child.join()
+        end_group(child)

@@ -37,6 +37,7 @@ def _context():
 
 
 def _child(fn, rank, world, port, q, args, kwargs, env):
+    os.setpgid(0, 0)  # a process group of its own, so the parent can end it with everything it started
     os.environ.clear()
     os.environ.update(env)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
@@ -53,6 +54,18 @@ def _child(fn, rank, world, port, q, args, kwargs, env):
             shutdown()
         except Exception:
             pass
+
+
+def end_group(p) -> None:
+    """Kill process ``p`` and whatever it started that is still running (megatron's checkpoint writer starts
+    a multiprocessing manager, which outlives a killed rank otherwise); ``p`` must lead its process group."""
+    import signal
+
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # the group is gone already
+        pass
+    p.join()
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300, env: dict | None = None, **kwargs):
@@ -91,9 +104,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300, env: dict 
     finally:
         for p in procs:
             p.join(timeout=0.1 if errors else 5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+            end_group(p)
     if errors:
         rank = min(errors)
         raise DistributedRunError(f"rank {rank} of {world_size} failed:\n{errors[rank]}")
