@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU benchmarks of docs/benchmarks/, one after another, each at its documented default size; every
-# script prints its table last. Measured on 2 shared cores: 4 minutes at low load, 13 under heavy load.
+# script prints its table last. Measured on 2 cores: 2.5 minutes at low load (13 under heavy load, before
+# the gloo ranks forked from a preloaded server).
 #
 #   bash bench/run_all.sh                       # python: $PYTHON, else .venv/bin/python, else python
 #   PYTHON=/path/to/python bash bench/run_all.sh 2>&1 | tee bench.log
