@@ -5,6 +5,7 @@ estimate's parts follow their formulas; Llama 2 70B LoRA in bf16 on 80 GiB GPUs 
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -189,3 +190,95 @@ def test_plan_cli_recommends_a_layout():
     p = subprocess.run([sys.executable, "launch/plan.py", "model=llama2_70b", "peft=none", "--gpus", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=100)
     assert p.returncode == 1 and "no layout fits" in p.stdout
+
+
+def _t5_adapter_counts(tp: int, cfgs: list, target_sets: list):
+    """[[(LoRA-trainable, DoRA-trainable) per target set] per config] of this rank, built at TP=``tp``
+    (rank 2)."""
+    from framework.models.registry import build_model
+    from framework.peft.dora import apply_dora
+    from framework.peft.lora import apply_lora
+    from framework.runtime.distributed import initialize
+
+    initialize(tp=tp, pp=1)
+    out = []
+    for cfg in cfgs:
+        row = []
+        for targets in target_sets:
+            counts = []
+            for apply in (apply_lora, apply_dora):
+                model = build_model(cfg, tp=tp)
+                apply(model, targets=targets, rank=2)
+                counts.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
+            row.append(tuple(counts))
+        out.append(row)
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_t5_adapter_state_equals_the_built_models_both_stacks(tp):
+    """The estimate's trainable state (gradients / 4 bytes) of a LoRA / DoRA job on a tiny T5 (v1.0 tied ReLU
+    and v1.1 untied gated layouts of tests/test_t5_job.py) equals the trainable parameters of this rank of the
+    model built with LoRA / DoRA: the encoder's layers and the decoder's, with and without the cross-attention
+    targets."""
+    from framework.peft.wrapping import CROSS_TARGETS as WRAPPED_CROSS
+    from framework.planner.memory import Job, estimate
+    from framework.planner.params import CROSS_TARGETS
+    from tests.test_t5_job import BASE, VARIANTS
+
+    assert set(CROSS_TARGETS) == set(WRAPPED_CROSS)
+    cfgs = [ModelConfig(**BASE, **shape) for shape in VARIANTS.values()]
+    target_sets = [("qkv", "proj", "fc1", "fc2"), ("qkv", "proj", "fc1", "fc2", *CROSS_TARGETS), ("proj", "cross_kv")]
+    built = run_distributed(_t5_adapter_counts, tp, tp, cfgs, target_sets, timeout=250)
+    for i, (cfg, name) in enumerate(zip(cfgs, VARIANTS)):
+        for j, targets in enumerate(target_sets):
+            planned = tuple(estimate(Job(model=cfg, method=method, lora_rank=2, lora_targets=targets, seq_length=16,
+                                         global_batch_size=1), tp=tp, pp=1, dp=1).gradients / 4
+                            for method in ("lora", "dora"))
+            assert all(rank[i][j] == planned for rank in built), (name, targets, planned, [r[i][j] for r in built])
+
+
+def test_t5_activations_follow_the_decoder_length():
+    """A T5 job's activations (and logits) grow with data.decoder_max_length, null means data.max_length, and
+    they equal the module docstring's formula written out here: the encoder's layers at s, the decoder's at
+    s_dec with their cross-attention, and the encoder output kept once."""
+    from framework.planner.memory import Job, estimate, job_from_config
+
+    def job(dec, *extra):
+        return job_from_config(compose(["model=t5_tiny", "model.tokenizer=unused", "peft=lora", "precision=bf16",
+                                        "data.max_length=128", "trainer.micro_batch_size=2",
+                                        f"data.decoder_max_length={'null' if dec is None else dec}", *extra]))
+
+    m = job(None).model
+    a, s, b, h, n, d, f = 2, 128, 2, m.hidden_size, m.num_attention_heads, m.kv_channels, m.ffn_hidden_size
+    g, L, L_dec, V = m.num_query_groups, m.num_layers, m.num_decoder_layers, m.vocab_size
+    assert not m.gated_linear_unit and (L, L_dec) == (2, 2)
+
+    def expected(s_dec, t, sp, recompute):
+        r = t if sp else 1
+        enc = a * s * b * (4 * h / r + ((n + 2 * g) * d + n * d + f + f) / t)
+        dec = a * s_dec * b * (4 * h / r + ((n + 2 * g) * d + n * d + f + f) / t) \
+            + a * b * (s_dec * (2 * h / r + 2 * n * d / t) + s * 2 * g * d / t)
+        enc_out = a * s * b * h / r
+        if recompute == "full":
+            return L * a * s * b * h / r + L_dec * a * s_dec * b * h / r + enc_out + max(enc, dec)
+        return L * enc + L_dec * dec + enc_out
+
+    acts = []
+    for dec in (32, 64, 128, 256):
+        j = job(dec)
+        assert j.decoder_seq_length == dec
+        for t, sp, rc in ((1, False, "none"), (2, True, "none"), (2, False, "full")):
+            e = estimate(dataclasses.replace(j, recompute=rc), tp=t, pp=1, dp=1, sp=sp)
+            assert e.activations == pytest.approx(expected(dec, t, sp, rc)), (dec, t, sp, rc)
+            assert e.logits == pytest.approx(dec * b * V / t * 4 * 2)
+        acts.append(estimate(j, tp=1, pp=1, dp=1).activations)
+    assert acts == sorted(acts) and len(set(acts)) == len(acts)
+    null = job(None)
+    assert estimate(null, 1, 1, 1).activations == estimate(job(128), 1, 1, 1).activations
+    # --seq 256 moves the encoder and, with decoder_max_length null, the decoder too
+    assert job_from_config(compose(["model=t5_tiny", "model.tokenizer=unused"]), seq=256).decoder_seq_length is None
+    assert estimate(dataclasses.replace(null, seq_length=256), 1, 1, 1).activations == pytest.approx(
+        estimate(Job(model=m, precision="bf16", seq_length=256, decoder_seq_length=256, micro_batch_size=2), 1, 1, 1)
+        .activations)

@@ -14,13 +14,24 @@ of activations in flight; the last holds the output layer and the logits)::
                    full             a s b h / (t if SP)  (+ one layer's full set, recomputed at a time)
                  (fused attention keeps no s x s scores, so selective recompute saves nothing more here)
                  x layers on the stage x micro-batches in flight (first stage: min(pp, micro-batches))
-    logits       last stage: s b V / t x 4 bytes x 2 (fp32 logits and their gradient)
+                 Encoder-decoder (T5, PP=1): the layers above are the encoder's, at s = data.max_length; the
+                 decoder's L_dec layers run at s_dec = data.decoder_max_length (null: data.max_length), each a
+                 layer above at s_dec plus its cross-attention (norm input and output; q and the attention
+                 output at s_dec, keys/values from the encoder output at s)
+                   none/selective   a s_dec b [4h / (t if SP) + ((n + 2g') d + n d + F + f) / t]
+                                    + a b [s_dec (2h / (t if SP) + 2 n d / t) + s 2g' d / t]
+                   full             a s_dec b h / (t if SP)  (+ the larger of one encoder / decoder layer's set)
+                 plus the encoder output, kept once for every layer's cross-attention: a s b h / (t if SP)
+    logits       last stage: s_dec b V / t x 4 bytes x 2 (fp32 logits and their gradient; s_dec = s for a GPT)
     overhead     3 GiB: CUDA context, NCCL buffers, allocator fragmentation
 
 "This rank's" parameters are framework/planner/params.py's per-rank counts at TP = t: sharded tensors / t,
 replicated ones (norms, row-parallel biases, the router) whole, and with fewer KV heads than TP ranks
 (g' = t, framework/models/kv_replication.py) the K/V copies every rank holds: in the base weights, their
 gradients and optimizer state under full fine-tuning, and in LoRA's B (and DoRA's magnitude) of qkv.
+A T5's trainable state covers both stacks: under full fine-tuning params.py's ``decoder`` count, under
+LoRA/DoRA L_dec decoder layers of :func:`~framework.planner.params.lora_per_layer` with ``decoder=True``
+(the layer targets plus cross_q / cross_kv / cross_proj when targeted).
 
 A statement about fitting is an estimate: the tests check the parameter counts against built models and
 the arithmetic against the formulas above; the overhead and activation constants are the usual
@@ -34,7 +45,7 @@ import dataclasses
 from framework.models.config import ModelConfig
 from framework.models.kv_replication import built_groups
 from framework.models.layout import pipeline_split
-from framework.planner.params import LORA_TARGETS, count, lora_per_layer
+from framework.planner.params import CROSS_TARGETS, LORA_TARGETS, count, lora_per_layer
 
 GiB = 2 ** 30
 OVERHEAD = 3 * GiB
@@ -57,6 +68,7 @@ class Job:
     lora_targets: tuple = ("qkv", "proj", "fc1", "fc2")
     precision: str = "bf16"
     seq_length: int = 4096
+    decoder_seq_length: int | None = None  # T5: decoder tokens (data.decoder_max_length); None: seq_length
     micro_batch_size: int = 1
     global_batch_size: int = 128
     recompute: str = "none"
@@ -90,12 +102,14 @@ def _stage_layers(num_layers: int, pp: int) -> tuple[int, int]:
     return (first, num_layers - first) if pp == 2 else (first, last)
 
 
-def trainable_per_layer(job: Job, tp: int = 1) -> int:
-    """Trainable elements of one layer on one rank at TP = ``tp``."""
+def trainable_per_layer(job: Job, tp: int = 1, decoder: bool = False) -> int:
+    """Trainable elements of one layer on one rank at TP = ``tp`` (``decoder``: of a T5 decoder layer; full
+    fine-tuning of the decoder is counted whole, by params.py's ``decoder``)."""
     if job.method == "none":
         return count(job.model, tp).per_layer
     if job.method in ADAPTER_METHODS:  # DoRA: plus a magnitude per output row of each wrapped linear
-        return lora_per_layer(job.model, job.lora_rank, job.lora_targets, tp, magnitude=job.method == "dora")
+        return lora_per_layer(job.model, job.lora_rank, job.lora_targets, tp, magnitude=job.method == "dora",
+                              decoder=decoder)
     return 4 * job.model.hidden_size  # ia3, adapters, virtual tokens: a few vectors per layer (negligible)
 
 
@@ -107,6 +121,9 @@ def estimate(job: Job, tp: int, pp: int, dp: int, sp: bool | None = None) -> Est
     first, last = _stage_layers(m.num_layers, pp)
     tr_layer = trainable_per_layer(job, tp)
     full = job.method == "none"
+    L_dec = m.num_decoder_layers or 0
+    # adapters of a T5's decoder stack (full fine-tuning: in c.decoder)
+    tr_decoder = 0 if full or not L_dec else L_dec * trainable_per_layer(job, tp, decoder=True)
 
     def stage(layers: int, is_first: bool, is_last: bool) -> Estimate:
         params_linear = layers * c.linear_per_layer
@@ -116,24 +133,33 @@ def estimate(job: Job, tp: int, pp: int, dp: int, sp: bool | None = None) -> Est
         lin_b = QLORA_WEIGHT_BYTES if job.method == "qlora" else wb
         weights = params_linear * lin_b + params_other * wb
         trainable = layers * tr_layer + (((c.embedding if is_first else 0) + (c.final + c.decoder if is_last else 0))
-                                         if full else 0)
+                                         if full else (tr_decoder if is_last else 0))
         grads = trainable * 4
         opt_bytes = 12 if job.precision != "fp32" else 8
         optimizer = trainable * opt_bytes / (dp if job.distributed_optimizer else 1)
         a = ACT_BYTES[job.precision]
         s, b, h = job.seq_length, job.micro_batch_size, m.hidden_size
+        s_dec = job.decoder_seq_length or s
+        rep = tp if sp else 1  # what sequence parallelism splits
         f = m.ffn_hidden_size
         F = 2 * f if m.gated_linear_unit else f
-        tp_region = (m.num_attention_heads + 2 * built_groups(m, tp)) * m.kv_channels \
-            + m.num_attention_heads * m.kv_channels + F + f
+        nd, gd = m.num_attention_heads * m.kv_channels, built_groups(m, tp) * m.kv_channels
+        tp_region = nd + 2 * gd + nd + F + f
         if m.num_experts:
             tp_region += (F + f) * (m.moe_router_topk - 1)  # each token's activations in k experts
-        one_layer = a * s * b * (4 * h / (tp if sp else 1) + tp_region / tp)
-        per_layer = a * s * b * h / (tp if sp else 1) if job.recompute == "full" else one_layer
+        one_layer = a * s * b * (4 * h / rep + tp_region / tp)
+        one_dec_layer = a * s_dec * b * (4 * h / rep + tp_region / tp) \
+            + a * b * (s_dec * (2 * h / rep + 2 * nd / tp) + s * 2 * gd / tp)  # + cross-attention
+        full_rc = job.recompute == "full"
+        per_layer = a * s * b * h / rep if full_rc else one_layer
         micro_batches = max(1, job.global_batch_size // (job.micro_batch_size * dp))
         in_flight = min(pp, micro_batches) if is_first else 1
-        activations = layers * per_layer * in_flight + (one_layer if job.recompute == "full" else 0)
-        logits = s * b * m.vocab_size / tp * 4 * 2 if is_last else 0
+        activations = layers * per_layer * in_flight
+        if L_dec and is_last:  # T5 (PP=1): the decoder stack and the encoder output its cross-attention reads
+            activations += L_dec * (a * s_dec * b * h / rep if full_rc else one_dec_layer) + a * s * b * h / rep
+        if full_rc:
+            activations += max(one_layer, one_dec_layer) if L_dec else one_layer
+        logits = s_dec * b * m.vocab_size / tp * 4 * 2 if is_last else 0
         return Estimate(tp, pp, dp, sp, job.recompute, weights, grads, optimizer, activations, logits)
 
     stages = [stage(first, True, pp == 1)] + ([stage(last, False, True)] if pp > 1 else [])
@@ -181,6 +207,7 @@ def job_from_config(cfg, seq: int | None = None) -> Job:
 
     from framework.config.errors import ConfigError
     from framework.config.validate import model_config
+    from framework.data.seq2seq import decoder_max_length
     from framework.peft.registry import moe_problems
 
     peft, model = cfg.peft, model_config(cfg)
@@ -188,10 +215,13 @@ def job_from_config(cfg, seq: int | None = None) -> Job:
     if problems:
         raise ConfigError(problems[0])
     targets = tuple(peft.get("targets") or LORA_TARGETS)
+    seq_length = int(seq or cfg.data.max_length)
+    # T5: the decoder's own length; null follows the encoder's (seq overrides data.max_length)
+    decoder_seq = decoder_max_length(cfg.data) if cfg.data.get("decoder_max_length") is not None else None
     return Job(model=model, method=str(peft.method), lora_rank=int(peft.get("rank") or 16),
-               lora_targets=tuple(t for t in targets if t in LORA_TARGETS),
+               lora_targets=tuple(t for t in targets if t in LORA_TARGETS + CROSS_TARGETS),
                precision=str(OmegaConf.select(cfg, "precision", default="bf16")),
-               seq_length=int(seq or cfg.data.max_length),
+               seq_length=seq_length, decoder_seq_length=decoder_seq if model.num_decoder_layers else None,
                micro_batch_size=int(cfg.trainer.micro_batch_size),
                global_batch_size=int(cfg.trainer.global_batch_size),
                distributed_optimizer=bool(OmegaConf.select(cfg, "trainer.distributed_optimizer", default=True)))

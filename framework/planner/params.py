@@ -78,14 +78,22 @@ def count(cfg: ModelConfig, tp: int = 1) -> ParamCounts:
 
 
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+#: the cross-attention targets of a T5 decoder layer (framework/peft/wrapping.py's CROSS_TARGETS)
+CROSS_TARGETS = ("cross_q", "cross_kv", "cross_proj")
 
 
-def lora_per_layer(cfg: ModelConfig, rank: int, targets=LORA_TARGETS, tp: int = 1, magnitude: bool = False) -> int:
+def lora_per_layer(cfg: ModelConfig, rank: int, targets=LORA_TARGETS, tp: int = 1, magnitude: bool = False,
+                   decoder: bool = False) -> int:
     """Trainable LoRA elements of one layer on one rank at TP = ``tp``: r (in + out) per wrapped linear, fused
     qkv / gate-up wrapped once (one A shared by the fused outputs, as framework/peft/lora.py wraps them).
     A column-parallel base (qkv, fc1) shards B's out rows and keeps A whole, a row-parallel one (proj, fc2)
     shards A's in columns and keeps B whole; qkv's out rows include the KV copies (count's g').
-    ``magnitude``: plus DoRA's magnitude, one per out row (sharded like B)."""
+    ``magnitude``: plus DoRA's magnitude, one per out row (sharded like B).
+
+    ``decoder``: a T5 decoder layer, whose cross-attention targets count too: cross_q (h -> n d / t) and
+    cross_kv (h -> 2 g' d / t, one A for keys and values) column-parallel, cross_proj (n d / t -> h)
+    row-parallel. A GPT's or T5 encoder's layer has no cross-attention: cross targets add nothing there (the
+    config check refuses them for a decoder-only model)."""
     if cfg.num_experts and set(targets) & {"fc1", "fc2"}:
         from framework.peft import moe
 
@@ -93,7 +101,12 @@ def lora_per_layer(cfg: ModelConfig, rank: int, targets=LORA_TARGETS, tp: int = 
     h, d, f = cfg.hidden_size, cfg.kv_channels, cfg.ffn_hidden_size
     n, g = cfg.num_attention_heads, built_groups(cfg, tp)
     F = 2 * f if cfg.gated_linear_unit else f
+    if decoder and cfg.num_decoder_layers is None:
+        raise ValueError(f"a decoder layer's LoRA count needs an encoder-decoder model (T5); "
+                         f"family {cfg.family!r} has no num_decoder_layers")
     column = {"qkv": (h, (n + 2 * g) * d // tp), "fc1": (h, F // tp)}  # (in, out) on one rank
     row = {"proj": (n * d // tp, h), "fc2": (f // tp, h)}
-    shapes = {**column, **row}
-    return sum(rank * (i + o) + (o if magnitude else 0) for t in targets for i, o in [shapes[t]])
+    cross = {"cross_q": (h, n * d // tp), "cross_kv": (h, 2 * g * d // tp), "cross_proj": (n * d // tp, h)}
+    shapes = {**column, **row, **cross}
+    return sum(rank * (i + o) + (o if magnitude else 0) for t in targets if decoder or t not in cross
+               for i, o in [shapes[t]])
