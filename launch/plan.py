@@ -43,8 +43,8 @@ def main(argv=None) -> None:
     rows = plan(job, a.gpus, a.gpu_memory, a.gpus_per_node)
     m = job.model
     print(f"{cfg.model.name}: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads / "
-          f"{m.num_query_groups} KV; peft={job.method} precision={job.precision} seq={job.seq_length} "
-          f"micro-batch={job.micro_batch_size}; {a.gpus} GPUs of {a.gpu_memory:g} GiB")
+          f"{m.num_query_groups} KV; peft={job.method} precision={job.precision} seq={job.seq_length}"
+          f"{'' if job.decoder_seq_length is None else f' decoder-seq={job.decoder_seq_length}'} micro-batch={job.micro_batch_size}; {a.gpus} GPUs of {a.gpu_memory:g} GiB")
     print(table(rows, None if a.all else 12))
     best = rows[0][0] if rows and rows[0][1] else None
     if best is None:
