@@ -27,13 +27,9 @@ from framework.data.sample import Sample
 
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
-    if "encoder_tokens" in batch:  # encoder-decoder (T5)
-        from framework.training.t5_step import seq2seq_loss
+    from framework.training.step import model_loss
 
-        per_token = seq2seq_loss(model, batch)
-    else:
-        per_token = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                          labels=batch["labels"])
+    per_token = model_loss(model, batch)
     mask = batch["loss_mask"]
 
     def loss_func(output_tensor):

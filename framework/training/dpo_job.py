@@ -188,10 +188,10 @@ def run(cfg: DictConfig) -> DPOResult:
     from framework.data.batching import BatchOrder
     from framework.runtime import distributed as rtd
     from framework.runtime.progress import progress
-    from framework.training.checkpointing import BEST, Checkpoints
+    from framework.training.checkpointing import BEST
     from framework.training.dpo import DPOMetrics, DPOOptions, dpo_train_step, resolve_reference
     from framework.training.early_stopping import EarlyStopping
-    from framework.training.finetune import (_restore, _resume_point, _save_trained, _total_steps, _trained_dir,
+    from framework.training.finetune import (_restore, open_run, _save_trained, _total_steps, _trained_dir,
                                              build_model, count_parameters, save_job_checkpoint)
     from framework.training.optim import build_optimizer, wrap_ddp
     from framework.training.tracking import Tracker
@@ -199,16 +199,11 @@ def run(cfg: DictConfig) -> DPOResult:
 
     world = rtd.world_size_from_env()
     model_cfg, tokenizer, data = prepare_inputs(cfg, world)
-    par, tr = cfg.parallel, cfg.trainer
-    rt = rtd.initialize(tp=int(par.tensor), pp=int(par.pipeline), sp=bool(par.sequence), seed=int(cfg.seed))
-    out = Path(cfg.output_dir)
-    ckpts = Checkpoints(out / "checkpoints", async_save=bool(cfg.trainer.get("async_save", False)))
-    resume_from = _resume_point(cfg, ckpts, rt)
+    tr = cfg.trainer
+    rt, out, ckpts, resume_from = open_run(cfg)
     if rt.is_main:
         from framework.data.report import format_reports
 
-        out.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         log.info("data report (tokens count both rows of a pair)\n%s", format_reports(data.reports))
 
     opts = DPOOptions.from_config(cfg.dpo)

@@ -127,7 +127,7 @@ def run(cfg: DictConfig) -> RunResult:
     from framework.data.batching import BatchOrder
     from framework.runtime import distributed as rtd
     from framework.runtime.progress import progress
-    from framework.training.checkpointing import BEST, Checkpoints
+    from framework.training.checkpointing import BEST
     from framework.training.early_stopping import EarlyStopping
     from framework.training.optim import build_optimizer, wrap_ddp
     from framework.training.step import train_step
@@ -138,14 +138,8 @@ def run(cfg: DictConfig) -> RunResult:
 
     world = rtd.world_size_from_env()
     model_cfg, tokenizer, train_set, val_set, reports = prepare_inputs(cfg, world)
-    par = cfg.parallel
-    rt = rtd.initialize(tp=int(par.tensor), pp=int(par.pipeline), sp=bool(par.sequence), seed=int(cfg.seed))
-    out = Path(cfg.output_dir)
-    ckpts = Checkpoints(out / "checkpoints", async_save=bool(cfg.trainer.get("async_save", False)))
-    resume_from = _resume_point(cfg, ckpts, rt)
+    rt, out, ckpts, resume_from = open_run(cfg)
     if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         for r in reports:
             log.info("data report\n%s", r.format())
 
@@ -309,6 +303,24 @@ def save_job_checkpoint(ckpts, cfg, model_cfg, rt, *, model, optimizer, schedule
     log.info("step %d checkpoint %s%s%s", loop.step, path, " (best validation loss so far)" if best else "",
              ": optimizer state being written in the background" if ckpts.pending else "")
     return path
+
+
+def open_run(cfg: DictConfig):
+    """Start a job's processes and its run directory (all ranks call): the process groups, the checkpoint
+    store, the checkpoint to resume from (None: a fresh start), and, on rank 0, OUTPUT_DIR with the resolved
+    config. Returns (runtime, output dir, Checkpoints, resume_from)."""
+    from framework.runtime import distributed as rtd
+    from framework.training.checkpointing import Checkpoints
+
+    par = cfg.parallel
+    rt = rtd.initialize(tp=int(par.tensor), pp=int(par.pipeline), sp=bool(par.sequence), seed=int(cfg.seed))
+    out = Path(cfg.output_dir)
+    ckpts = Checkpoints(out / "checkpoints", async_save=bool(cfg.trainer.get("async_save", False)))
+    resume_from = _resume_point(cfg, ckpts, rt)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    return rt, out, ckpts, resume_from
 
 
 def _resume_point(cfg, ckpts, rt):

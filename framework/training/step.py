@@ -32,20 +32,23 @@ def _autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def model_loss(model, batch: dict) -> torch.Tensor:
+    """Per-token loss [b, s] of one micro-batch (this stage's output tensor under PP)."""
+    if "encoder_tokens" in batch:  # an encoder-decoder (T5) batch: framework/training/t5_step.py
+        from framework.training.t5_step import seq2seq_loss
+
+        return seq2seq_loss(model, batch)
+    # attention_mask: only packed batches carry one (block-diagonal causal, True = masked out); without it
+    # the core attention is plain causal.
+    return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+
+
 def _forward_step_fn(precision: str, device: torch.device):
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with _autocast(precision, device):
-            if "encoder_tokens" in batch:  # an encoder-decoder (T5) batch: framework/training/t5_step.py
-                from framework.training.t5_step import seq2seq_loss
-
-                per_token_loss = seq2seq_loss(model, batch)
-            else:
-                # attention_mask: only packed batches carry one (block-diagonal causal, True = masked out);
-                # without it the core attention is plain causal.
-                per_token_loss = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                                       labels=batch["labels"])
+            per_token_loss = model_loss(model, batch)
         loss_mask = batch["loss_mask"]
 
         def loss_func(output_tensor):
