@@ -66,7 +66,7 @@ def convert(ckpt_dir, out_dir, dtype=None, max_shard_size="5GB", tokenizer=None,
 
     from framework.checkpoint import ckpt_format
     from framework.checkpoint.archive import unpacked
-    from framework.checkpoint.atomic import publish, temp_dir_beside
+    from framework.runtime.atomic import publish, temp_dir_beside
 
     t0 = time.perf_counter()
     ckpt_dir, out_dir = unpacked(ckpt_dir), Path(out_dir)  # a .tar is unpacked (once) and read from there

@@ -151,7 +151,7 @@ def convert(hf_dir, out_dir, tp: int = 1, pp: int = 1, tokenizer=None, force: bo
             progress: bool = True) -> dict:
     """HF_DIR -> OUT_DIR (a directory, or a .tar archive of one); returns {'tensors', 'bytes', 'seconds'}."""
     from framework.checkpoint.archive import is_archive, pack
-    from framework.checkpoint.atomic import temp_dir_beside
+    from framework.runtime.atomic import temp_dir_beside
     from framework.checkpoint.hf_import import HFImportError
     from framework.models.registry import config_from_hf
 

@@ -8,8 +8,8 @@ import sys
 def exit_on_user_error():
     from framework.checkpoint.adapter import AdapterError
     from framework.checkpoint.hf_import import HFImportError
-    from framework.config.errors import ConfigError
-    from framework.data.errors import DataError
+    from framework.runtime.errors import ConfigError
+    from framework.runtime.errors import DataError
     from framework.models.layout import LayoutError
 
     try:

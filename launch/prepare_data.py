@@ -43,7 +43,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> None:
-    from framework.data.errors import DataError
+    from framework.runtime.errors import DataError
     from framework.data.prepare import cache_dir, check_files, check_options, prepare_config
     from framework.data.report import format_reports
     from framework.data.tokenizer import Tokenizer

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from framework.data.chat import ChatEncoder, TemplateMarkError, parse_record, tokenize_messages
-from framework.data.errors import DataError
+from framework.runtime.errors import DataError
 from framework.data.prepare import prepare
 from framework.data.tokenizer import Tokenizer
 from tests.real_model import smollm2_tokenizer_dir

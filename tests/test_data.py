@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from framework.data.batching import BatchOrder, collate, micro_batches
-from framework.data.errors import DataError, TokenizerError
+from framework.runtime.errors import DataError, TokenizerError
 from framework.data.prepare import prepare
 from framework.data.prompt_completion import build_sample, tokenize_prompt_completion
 from framework.data.report import format_reports
@@ -443,7 +443,7 @@ def test_validation_split_needs_two_samples(tok, tmp_path):
     (["data.test=[a,b]"], "data.test=['a', 'b']: expected a path"),
 ])
 def test_validation_keys_are_checked_before_the_job(overrides, message):
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.config.validate import validate
     from tests.test_finetune_job import compose
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from framework.config.errors import ConfigError
+from framework.runtime.errors import ConfigError
 from framework.data import cache as data_cache
 from framework.data.cache import CachedSamples, read_manifest
-from framework.data.errors import DataError
+from framework.runtime.errors import DataError
 from framework.data.prepare import cache_dir, prepare, prepare_one
 from framework.data.tokenizer import Tokenizer
 from tests.test_chat_data import make_family_tokenizer

@@ -563,7 +563,7 @@ def test_smollm2_generalises_to_held_out_pairs(tmp_path):
     (["data=humaneval"], "launch/dpo.py trains on preference pairs (data.format=preference"),
 ])
 def test_bad_dpo_config_is_refused(tiny_tokenizer_dir, overrides, needle):
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.config.validate import validate
 
     cfg = compose(["model=tiny_llama", f"model.tokenizer={tiny_tokenizer_dir}", *overrides])
@@ -573,7 +573,7 @@ def test_bad_dpo_config_is_refused(tiny_tokenizer_dir, overrides, needle):
 
 
 def test_sft_job_refuses_preference_data(tiny_tokenizer_dir):
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.config.validate import validate
 
     cfg = compose(["model=tiny_llama", f"model.tokenizer={tiny_tokenizer_dir}", "data=preference_arithmetic"],
@@ -611,7 +611,7 @@ BAD = [  # (record, reason, message)
 
 @pytest.mark.parametrize("record,reason,message", BAD, ids=[f"{b[1]}-{i}" for i, b in enumerate(BAD)])
 def test_bad_record_is_an_error_naming_file_and_line(tok, tmp_path, record, reason, message):
-    from framework.data.errors import DataError
+    from framework.runtime.errors import DataError
     from framework.data.preference import tokenize_preferences
 
     path = _write(tmp_path / "p.jsonl", [GOOD, "", GOOD, record, GOOD])
@@ -645,7 +645,7 @@ def test_bad_records_skipped_and_counted(tok, tmp_path):
     ("[1, 2]", "expected a JSON object"),
 ])
 def test_malformed_records_are_errors_even_when_skipping(tok, tmp_path, record, message):
-    from framework.data.errors import DataError
+    from framework.runtime.errors import DataError
     from framework.data.preference import tokenize_preferences
 
     path = _write(tmp_path / "p.jsonl", [GOOD, record])

@@ -148,7 +148,7 @@ def test_bad_gemma_config_names_the_key(over, match):
 
 
 def test_gemma2_is_not_taken_for_gemma():
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.models.registry import config_from_hf
 
     with pytest.raises(ConfigError, match="model_type='gemma2' is not supported"):

@@ -135,7 +135,7 @@ def _edit_config(src: Path, dst: Path, **changes) -> Path:
 def test_t5_bad_configs_are_refused(cases, tmp_path):
     from converters import hf_to_ckpt
     from framework.checkpoint.hf_import import HFImportError
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.models.registry import build_model, config_from_hf
 
     v10, v11 = Path(cases[0][1]), Path(cases[1][1])

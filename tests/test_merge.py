@@ -138,7 +138,7 @@ def _named_save_worker(hf_dir, root):
 
     from framework.inference.logits import forward_logits
     from framework.peft.merge import merge_adapter, unmerge_adapter
-    from framework.peft.named_adapters import NamedAdapters
+    from framework.checkpoint.named_adapters import NamedAdapters
     from framework.peft.wrapping import peft_modules
     from framework.runtime import initialize
 
@@ -181,7 +181,7 @@ def _named_save_worker(hf_dir, root):
 
 def _named_load_worker(hf_dir, root):
     from framework.inference.logits import forward_logits
-    from framework.peft.named_adapters import NamedAdapters
+    from framework.checkpoint.named_adapters import NamedAdapters
     from framework.runtime import initialize
 
     initialize(tp=1, seed=0)

@@ -32,7 +32,7 @@ def _cfg(tokenizer_dir, *overrides):
 def test_mlp_targets_on_moe_refused_by_key_before_start(method, tiny_tokenizer_dir):
     import torch.distributed as dist
 
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.config.validate import validate
 
     override, suggestion = MLP_CASES[method]
@@ -110,7 +110,7 @@ def test_wrapping_an_moe_mlp_raises_a_clear_error():
 
 def test_memory_planner_refuses_what_the_job_refuses():
     """launch/plan.py plans only jobs that can run: LoRA on the experts is refused like the job refuses it."""
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.planner.memory import job_from_config
     from framework.planner.params import lora_per_layer
     from tests.test_finetune_job import compose

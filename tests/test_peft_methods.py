@@ -321,7 +321,7 @@ def test_dora_with_dropout_matches_hf_peft():
     ("adapter", ["peft.bottleneck=0", "peft.activation=tanh"], "peft.activation='tanh'"),
 ])
 def test_bad_peft_config_is_refused_before_start(method, overrides, message, tiny_tokenizer_dir):
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.config.validate import validate
     from tests.test_finetune_job import compose
 

@@ -12,7 +12,7 @@ from tests.test_finetune_job import compose
 
 
 def test_fp8_is_refused_without_te_and_hopper(tiny_tokenizer_dir):
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.config.validate import validate
 
     if torch.cuda.is_available():

@@ -180,7 +180,7 @@ def test_job_arch_rope_scaling_is_checked():
     """model.arch.rope_scaling in a job config goes through the same checks (ConfigError names the key)."""
     from omegaconf import OmegaConf
 
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.config.validate import model_config
 
     cfg = OmegaConf.create({"model": {"arch": {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}}})

@@ -390,7 +390,7 @@ def test_cli_writes_completions_for_a_tiny_t5(tiny_t5, tiny_tokenizer_dir, tmp_p
 def test_t5_requests_are_encoder_inputs(tiny_tokenizer_dir, tmp_path):
     """A T5 prompt is encode(prompt) + eos (no bos), cut from the left with its eos kept; the reference is
     scored as training's seq2seq sample; a reference longer than the evaluation max_length is refused by line."""
-    from framework.data.errors import DataError
+    from framework.runtime.errors import DataError
     from framework.data.seq2seq import split
     from framework.data.tokenizer import Tokenizer
     from framework.inference.requests import read_requests

@@ -480,7 +480,7 @@ def test_full_finetuning_job_tp2_matches_tp1_and_weights_reload(tiny_t5_hf, tiny
 
 
 def _refusals(cfg, world: int = 1) -> str:
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.config.validate import validate
 
     with pytest.raises(ConfigError) as e:
@@ -504,7 +504,7 @@ def test_what_the_job_does_not_do_for_t5_is_refused_by_key(tiny_tokenizer_dir, t
     llama = ["model=tiny_llama", f"model.tokenizer={tiny_tokenizer_dir}"]
     assert "['cross_q'] are cross-attention targets" in _refusals(compose([*llama, "peft.targets=[qkv,cross_q]"]))
     assert "data.format=seq2seq needs an encoder-decoder model" in _refusals(compose([*llama, "data.format=seq2seq"]))
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
 
     # generation and evaluation (tests/test_t5_generate.py) refuse what the job refuses: PP, fp8
     gen = compose_generate(["model=t5_tiny", f"model.tokenizer={tiny_tokenizer_dir}", "input=x.jsonl",

@@ -50,7 +50,8 @@ import torch
 from framework.models import kv_replication
 from framework.models import weight_table as wt
 from framework.models.fused_layout import shard
-from framework.peft.wrapping import peft_modules, unwrap
+from framework.peft.wrapping import peft_modules
+from framework.models.unwrap import unwrap_model
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "adapter.safetensors"
@@ -373,7 +374,7 @@ def _stage_config(model) -> dict:
 
 def _on_stage(model, targets) -> list[str]:
     """The targets this pipeline stage can hold (embedding: first stage; output: last stage)."""
-    gpt = unwrap(model)
+    gpt = unwrap_model(model)
     absent = {t for t, here in (("embedding", gpt.pre_process), ("output", gpt.post_process)) if not here}
     return [t for t in targets if t not in absent]
 
@@ -382,7 +383,7 @@ def _write_atomically(directory: Path, tensors: dict, meta: dict) -> None:
     import yaml
     from safetensors.torch import save_file
 
-    from framework.checkpoint.atomic import atomic_directory
+    from framework.runtime.atomic import atomic_directory
 
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})

@@ -21,8 +21,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from framework.checkpoint.atomic import publish
+from framework.runtime.atomic import publish
+from framework.runtime.errors import CheckpointError
+from framework.checkpoint.streaming import streaming_save
 from framework.models.config import ModelConfig, arch_mismatches
+from framework.models.unwrap import unwrap_model
+from framework.peft.wrapping import base_sharded_state_dict, is_adapter_key
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.yaml"
@@ -33,10 +37,6 @@ TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, damaged, or does not fit the model being loaded."""
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -76,23 +76,6 @@ def _gather_dicts(d: dict) -> dict:
     dist.gather_object(d, out, dst=0)
     return {k: v for part in out or [] for k, v in part.items()}
 
-
-def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
-
-
-def _is_base_key(key: str) -> bool:
-    from framework.peft.wrapping import is_adapter_key  # LoRA, DoRA, IA3, bottleneck adapter tensors
-
-    return not is_adapter_key(key)
-
-
-def base_sharded_state_dict(model) -> dict:
-    """The model's sharded state dict without LoRA factors (base weights only)."""
-    sd = _unwrap(model).sharded_state_dict()
-    return {k: v for k, v in sd.items() if _is_base_key(k)}
 
 
 def copy_tokenizer(src_dir, dst_dir) -> list[str]:
@@ -187,7 +170,6 @@ def save_checkpoint(model, ckpt_dir, model_cfg: ModelConfig, tokenizer_src=None,
     import yaml
     from megatron.core import dist_checkpointing
 
-    from framework.checkpoint.streaming import streaming_save
 
     ckpt_dir = Path(ckpt_dir).absolute()
     tmp = ckpt_dir.parent / f".{ckpt_dir.name}.tmp"
@@ -202,7 +184,7 @@ def save_checkpoint(model, ckpt_dir, model_cfg: ModelConfig, tokenizer_src=None,
             err = f"cannot create {tmp}: {e}"
     _broadcast_error(err)
     try:
-        strategy = streaming_save(_unwrap(model), values, on_value=on_value)
+        strategy = streaming_save(unwrap_model(model), values, on_value=on_value)
         dist_checkpointing.save(base_sharded_state_dict(model), str(tmp / WEIGHTS_DIR), sharded_strategy=strategy)
         digests = _gather_dicts(strategy.sha256)
         if _rank() == 0:
@@ -279,7 +261,7 @@ def load_checkpoint_into(model, ckpt_dir, model_cfg: ModelConfig, check_hashes: 
     from megatron.core import dist_checkpointing
 
     ckpt_dir = Path(ckpt_dir)
-    gpt = _unwrap(model)
+    gpt = unwrap_model(model)
     weights = ckpt_dir / WEIGHTS_DIR
     err, meta, sharded = None, None, None
     try:
@@ -346,5 +328,5 @@ def _apply_factories_copy(sharded: dict) -> dict:
 def _load_base_state(gpt, state: dict) -> tuple[list[str], list[str]]:
     """model.load_state_dict for base keys only (LoRA factors and TE extra state excluded)."""
     result = gpt.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if _is_base_key(k) and not k.endswith("_extra_state")]
+    missing = [k for k in result.missing_keys if not is_adapter_key(k) and not k.endswith("_extra_state")]
     return sorted(missing), sorted(result.unexpected_keys)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from framework.checkpoint.atomic import publish, temp_dir_beside
+from framework.runtime.atomic import publish, temp_dir_beside
 from framework.models import kv_replication
 from framework.models import weight_table as wt
 from framework.models.config import ModelConfig
@@ -149,7 +149,7 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
     """
     import torch.distributed as dist
 
-    from framework.inference.logits import unwrap_model
+    from framework.models.unwrap import unwrap_model
 
     t0 = time.perf_counter()
     # one process needs no gathering (gather_object would pickle every tensor: three extra copies)

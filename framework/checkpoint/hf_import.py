@@ -36,6 +36,7 @@ import torch
 from framework.models import kv_replication
 from framework.models import weight_table as wt
 from framework.models.config import ModelConfig, arch_mismatches
+from framework.models.unwrap import unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,6 @@ def safetensors_index(hf_dir: str | Path) -> dict[str, Path]:
     raise HFImportError(f"{hf_dir} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors "
                         f"checkpoints are read)")
 
-
-def _unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
 
 
 def stack_of(rule: wt.WeightRule) -> str:
@@ -157,7 +152,7 @@ class HFWeights:
 
         self.hf_dir = hf_dir = Path(hf_dir)
         family = _check_config(hf_dir, model_cfg)
-        gpt = _unwrap(gpt_model)
+        gpt = unwrap_model(gpt_model)
         stored = safetensors_index(hf_dir)
         self.stored = table_names(stored, family)  # a bare base-model save lacks the table's prefix
         self.index = index = {name: stored[as_stored] for name, as_stored in self.stored.items()}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from framework.checkpoint.adapter import (CONFIG_NAME, WEIGHTS_NAME, AdapterError, feedforward_modules, peft_names,
                                           read_adapter_config, shapes_for, target_modules)
-from framework.checkpoint.atomic import atomic_directory
+from framework.runtime.atomic import atomic_directory
 from framework.models.config import ModelConfig
 
 PEFT_CONFIG = "adapter_config.json"

@@ -43,6 +43,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from framework.models.config import ModelConfig
+from framework.peft.wrapping import base_sharded_state_dict
 
 
 # -- the skeleton ------------------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def _planner_class():
             if src is None:
                 data = super().resolve_data(write_item)
                 if isinstance(data, torch.Tensor) and data.is_meta:
-                    from framework.checkpoint.ckpt_format import CheckpointError
+                    from framework.runtime.errors import CheckpointError
 
                     raise CheckpointError(f"tensor {write_item.index.fqn!r} has no data (a meta tensor that is "
                                           f"not a model parameter) and cannot be written")
@@ -365,8 +366,6 @@ class CheckpointParams(Mapping):
         from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
             CachedMetadataFileSystemReader)
 
-        from framework.checkpoint.ckpt_format import base_sharded_state_dict
-
         self.weights_dir = Path(weights_dir)
         self.params = dict(params) if params is not None else dict(model.named_parameters())
         self.sharded = base_sharded_state_dict(model)
@@ -388,7 +387,7 @@ class CheckpointParams(Mapping):
         from megatron.core.dist_checkpointing.strategies.torch import (
             MCoreLoadPlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
 
-        from framework.checkpoint.ckpt_format import CheckpointError
+        from framework.runtime.errors import CheckpointError
 
         param = self.params[name]
         value = torch.empty(param.shape, dtype=param.dtype)

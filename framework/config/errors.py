@@ -1,5 +1,3 @@
-"""The error for a configuration value that cannot work; its message names the key and a fix."""
+"""Kept while the move to framework/runtime/errors.py lands everywhere."""
 
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work, with the key that holds it."""
+from framework.runtime.errors import ConfigError  # noqa: F401

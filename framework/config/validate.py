@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from framework.config.errors import ConfigError
+from framework.runtime.errors import ConfigError
 from framework.models.config import ModelConfig
 from framework.models.layout import LayoutError, check_layout
 

@@ -29,7 +29,7 @@ directory is deleted.
 Building once across processes: a process that finds no complete entry takes an exclusive ``flock`` on
 ``CACHE_DIR/KEY.lock`` (ranks start before any process group exists, so a file lock is what they share),
 checks again, and if the entry is still missing tokenises into a hidden temporary directory beside it and
-renames that into place (``framework.checkpoint.atomic``). The others wait on the lock, then map the
+renames that into place (``framework.runtime.atomic``). The others wait on the lock, then map the
 finished entry. An entry is complete only when ``manifest.json`` (written last) parses and every array has
 the size it records; a crash leaves at most a ``.KEY.tmp-*`` directory, never read, removed by the next
 builder of that key.
@@ -50,8 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-from framework.checkpoint.atomic import atomic_directory
-from framework.config.errors import ConfigError
+from framework.runtime.atomic import atomic_directory
+from framework.runtime.errors import ConfigError
 from framework.data.report import FileReport
 from framework.data.sample import Sample
 from framework.data.views import sample_index

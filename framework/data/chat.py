@@ -60,7 +60,7 @@ import secrets
 from collections.abc import Iterator
 
 from framework.data.chat_template import ChatTemplateError, render, special_tokens
-from framework.data.errors import DataError
+from framework.runtime.errors import DataError
 from framework.data.jsonl import read_jsonl, type_name
 from framework.data.report import FileReport
 from framework.data.sample import Sample

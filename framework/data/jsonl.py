@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Iterator
 
-from framework.data.errors import DataError
+from framework.runtime.errors import DataError
 
 _TYPE_NAMES = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "list",
                dict: "object"}

@@ -56,7 +56,7 @@ from collections.abc import Sequence
 
 import torch
 
-from framework.data.errors import DataError
+from framework.runtime.errors import DataError
 from framework.data.jsonl import read_jsonl, type_name
 from framework.data.prompt_completion import COMPLETION_TOO_LONG, TRUNCATION_SIDES, build_sample
 from framework.data.report import FileReport

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from framework.data.chat import LOSS_ON, iter_messages
-from framework.data.errors import DataError
+from framework.runtime.errors import DataError
 from framework.data.prompt_completion import TRUNCATION_SIDES, iter_prompt_completion
 from framework.data.report import FileReport
 from framework.data.sample import Sample

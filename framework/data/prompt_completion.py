@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from framework.data.errors import DataError
+from framework.runtime.errors import DataError
 from framework.data.jsonl import read_jsonl, type_name
 from framework.data.report import FileReport
 from framework.data.sample import Sample

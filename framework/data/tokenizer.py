@@ -24,7 +24,7 @@ import os
 import shutil
 from pathlib import Path
 
-from framework.data.errors import TokenizerError
+from framework.runtime.errors import TokenizerError
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"

@@ -38,7 +38,7 @@ import torch
 
 def is_encoder_decoder(model) -> bool:
     """Whether ``model`` (possibly wrapped) is an encoder-decoder model (it has an encoder stack)."""
-    from framework.inference.logits import unwrap_model
+    from framework.models.unwrap import unwrap_model
 
     return getattr(unwrap_model(model), "encoder", None) is not None
 
@@ -58,7 +58,7 @@ def padded_batch(rows: list[list[int]], fill: int, multiple: int, device) -> tup
 def decode(model, prompts: list[list[int]], rows, decoder_start_id: int, pad_id: int) -> None:
     """Fill ``rows`` (framework/inference/generate.py ``Rows``) with the completions of the encoder inputs
     ``prompts`` (see the module docstring). Every rank of the TP group calls it with the same prompts."""
-    from framework.inference.logits import unwrap_model
+    from framework.models.unwrap import unwrap_model
     from framework.models.t5 import t5_encode, t5_logits
 
     t5 = unwrap_model(model)

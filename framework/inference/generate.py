@@ -207,7 +207,7 @@ def _padding_side(gpt, wanted: str) -> str:
 
 def _generate_cached(model, prompts, cfg: GenerationConfig, rows: Rows, pad_id: int) -> None:
     from framework.inference.kv_cache import CachedForward
-    from framework.inference.logits import unwrap_model
+    from framework.models.unwrap import unwrap_model
     from framework.peft.virtual_tokens import num_virtual_tokens
 
     gpt = unwrap_model(model)
@@ -241,7 +241,8 @@ def _micro_batch(b: int, wanted: int | None) -> int:
 
 # -- without the cache ------------------------------------------------------------------------------------
 def _generate_uncached(model, prompts, cfg: GenerationConfig, rows: Rows, pad_id: int) -> None:
-    from framework.inference.logits import forward_logits, unwrap_model
+    from framework.inference.logits import forward_logits
+    from framework.models.unwrap import unwrap_model
 
     gpt = unwrap_model(model)
     tp = gpt.config.tensor_model_parallel_size
@@ -300,7 +301,7 @@ def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_id: i
     """Greedy completion of one prompt (ids, prompt and eos excluded). Every rank calls it with the same
     prompt. A model built with sequence parallelism is decoded without the cache (``pad_multiple`` is
     unused: the uncached path pads to the TP size itself)."""
-    from framework.inference.logits import unwrap_model
+    from framework.models.unwrap import unwrap_model
 
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=() if eos_id is None else (eos_id,),
                            use_cache=not unwrap_model(model).config.sequence_parallel)

@@ -59,7 +59,7 @@ def default_paths(cfg: DictConfig) -> tuple[Path, Path | None]:
 
 def stop_ids(tokenizer, tokens) -> tuple[int, ...]:
     """EOS plus ``generate.stop_tokens`` (each must be one token of the vocabulary)."""
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
 
     ids = [tokenizer.eos_id]
     for s in tokens or []:
@@ -73,7 +73,7 @@ def stop_ids(tokenizer, tokens) -> tuple[int, ...]:
 
 def prepare(cfg: DictConfig, world_size: int):
     """Validate the config, load the tokenizer and read every request; no process group needed."""
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.config.validate import validate_generation
     from framework.data.tokenizer import Tokenizer
     from framework.inference.loading import trained_peft_config

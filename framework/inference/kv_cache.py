@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from framework.inference.logits import unwrap_model
+from framework.models.unwrap import unwrap_model
 
 
 def _keep(output_tensor: torch.Tensor):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from framework.config.errors import ConfigError
+from framework.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def _base_name_differs(path: Path, cfg) -> str | None:
 
 def load_model(cfg: DictConfig, model_cfg, rt, adapter: str | None = None):
     """This rank's stage of the base model with ``adapter`` (a trained directory, or None) loaded, in eval mode."""
-    from framework.peft.registry import get_method, load_trained
+    from framework.checkpoint.trained import load_trained
+    from framework.peft.registry import get_method
     from framework.training.finetune import build_model
 
     peft = trained_peft_config(adapter) if adapter else {"method": "none"}

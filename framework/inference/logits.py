@@ -19,13 +19,8 @@ hidden] in ``config.pipeline_dtype``, so ``seq_length`` and ``micro_batch_size``
 from __future__ import annotations
 
 import torch
+from framework.models.unwrap import unwrap_model
 
-
-def unwrap_model(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
 
 
 def gather_vocab_parallel(logits: torch.Tensor) -> torch.Tensor:

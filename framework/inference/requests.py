@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from framework.data.errors import DataError
+from framework.runtime.errors import DataError
 from framework.data.jsonl import read_jsonl, type_name
 from framework.data.sample import Sample
 

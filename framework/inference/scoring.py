@@ -50,7 +50,7 @@ def sample_losses(model, samples: list[Sample], pad_id: int, micro_batch_size: i
     from framework.data.batching import collate
     from framework.data.seq2seq import collate_seq2seq
     from framework.inference.encoder_decoder import is_encoder_decoder
-    from framework.inference.logits import unwrap_model
+    from framework.models.unwrap import unwrap_model
     from framework.peft.virtual_tokens import with_virtual_tokens
 
     gpt = unwrap_model(model)

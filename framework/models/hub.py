@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from framework.config.errors import ConfigError
+from framework.runtime.errors import ConfigError
 from framework.models.config import ModelConfig, arch_mismatches
 from framework.runtime.shared_files import cache_root, file_lock
 

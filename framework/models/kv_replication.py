@@ -47,8 +47,9 @@ import functools
 
 import torch
 
-from framework.config.errors import ConfigError
+from framework.runtime.errors import ConfigError
 from framework.models.fused_layout import shard
+from framework.models.unwrap import unwrap_model
 
 
 # -- which layouts, and what each rank holds -------------------------------------------------------------
@@ -283,11 +284,6 @@ def install(gpt, model_cfg, tp: int, rank: int) -> None:
 
 
 # -- training: tied gradients -------------------------------------------------------------------------------
-def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
-
 
 def _tied(gpt, spec: Replication, trainable: bool = True) -> list[tuple[torch.nn.Parameter, int, slice]]:
     """(parameter, dim, its replicated K/V rows along dim) on this stage: the trainable ones, or all (QLoRA's
@@ -310,7 +306,7 @@ def extra_copies(model) -> dict[int, int]:
     """{id(parameter): how many of its elements on this rank are a copy m > 0 of a KV head} (empty without
     replication; QLoRA's NF4 base weights are keyed by their NF4Weight module): what a parameter count over TP
     ranks leaves out to count each KV head once."""
-    gpt = _unwrap(model)
+    gpt = unwrap_model(model)
     spec = getattr(gpt, "kv_replication", None)
     if spec is None or spec.copy == 0:
         return {}
@@ -351,7 +347,7 @@ def _grad_of(p: torch.nn.Parameter):
 @torch.no_grad()
 def tie_grads(model) -> None:
     """Sum the gradients of every copy of each KV head's rows over its copies (no-op without replication)."""
-    gpt = _unwrap(model)
+    gpt = unwrap_model(model)
     spec = getattr(gpt, "kv_replication", None)
     if spec is None:
         return
@@ -403,7 +399,7 @@ def _optimizer_params(opt):
 def count_copies_once(optimizer, model) -> None:
     """Make ``optimizer``'s gradient norm (and so clipping) count every KV head once: on copies m > 0 the
     K/V rows are left out of the gradients it takes the norm of. No-op without replication."""
-    gpt = _unwrap(model)
+    gpt = unwrap_model(model)
     spec = getattr(gpt, "kv_replication", None)
     if spec is None or spec.copy == 0:
         return

@@ -12,7 +12,7 @@ import dataclasses
 import types
 from typing import Callable
 
-from framework.config.errors import ConfigError
+from framework.runtime.errors import ConfigError
 from framework.models.config import ModelConfig
 from framework.models.families import llama, mixtral, qwen2
 from framework.models.families import gemma, mistral

@@ -43,7 +43,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from framework.config.errors import ConfigError
+from framework.runtime.errors import ConfigError
 from framework.models.config import ModelConfig
 from framework.models.norms import norm_class
 
@@ -230,7 +230,7 @@ def t5_encode(model, encoder_ids: torch.Tensor, encoder_mask: torch.Tensor | Non
     """The encoder's final states [s_enc, b, h] (sequence-parallel: this rank's [s_enc/tp, b, h] slice) of
     ``encoder_ids`` [b, s_enc], padding (``encoder_mask`` 0) hidden from its self-attention: what
     :func:`t5_logits` takes as ``encoder_hidden`` to run the decoder without the encoder."""
-    from framework.inference.logits import unwrap_model
+    from framework.models.unwrap import unwrap_model
 
     if encoder_ids.dim() != 2:
         raise ValueError(f"t5_encode: encoder_ids must be [batch, seq], got {tuple(encoder_ids.shape)}")
@@ -248,7 +248,8 @@ def t5_logits(model, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor,
     decoder is causal. ``encoder_hidden``: the encoder's states of these rows (:func:`t5_encode`), so only
     the decoder runs. Differentiable; call under ``torch.no_grad()`` for inference.
     """
-    from framework.inference.logits import gather_vocab_parallel, unwrap_model
+    from framework.inference.logits import gather_vocab_parallel
+    from framework.models.unwrap import unwrap_model
 
     if encoder_ids.dim() != 2 or decoder_ids.dim() != 2 or encoder_ids.shape[0] != decoder_ids.shape[0]:
         raise ValueError(f"t5_logits: encoder_ids and decoder_ids must be [batch, seq] with one batch size, got "

@@ -60,8 +60,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.peft.wrapping import (CROSS_TARGETS, LAYER_TARGETS, MODEL_TARGETS, Piece, PeftWrapper, init_seed,
-                                     mark, param_like, seeded_generator, trainable_parameters, unwrap, wrap_targets)
+                                     mark, param_like, seeded_generator, trainable_parameters, wrap_targets)
 from framework.peft.wrapping import check_targets as _check_targets
+from framework.models.unwrap import unwrap_model
 
 #: every LoRA target, in canonical order (the order also seeds A's initialisation: do not reorder)
 TARGETS = {**LAYER_TARGETS, **MODEL_TARGETS, **CROSS_TARGETS}
@@ -70,7 +71,7 @@ _DESCRIBE = ("qkv: fused q/k/v projection, proj: attention output, fc1: gate/up,
              "cross_q, cross_kv, cross_proj: the decoder's cross-attention query, key/value and output")
 
 __all__ = ["TARGETS", "LoRALinear", "LoRAEmbedding", "apply_lora", "lora_modules", "check_targets",
-           "trainable_parameters", "unwrap"]
+           "trainable_parameters"]
 
 
 def check_targets(targets, valid=TARGETS, method: str = "LoRA") -> tuple[str, ...]:
@@ -362,7 +363,7 @@ def apply_lora(model: nn.Module, targets=("qkv", "proj", "fc1", "fc2"), rank: in
     """
     targets = check_targets(targets)
     linear_cls = linear_cls or LoRALinear
-    gpt = unwrap(model)
+    gpt = unwrap_model(model)
     base_seed = torch.initial_seed() if seed is None else int(seed)
     glu = bool(getattr(gpt.config, "gated_linear_unit", False))
 

@@ -1,22 +1,21 @@
-"""The PEFT methods the job knows, behind one interface: apply, save what was trained, load it back.
-
-A method is three functions over this rank's model stage (all ranks call them; saving gathers to rank 0):
+"""The PEFT methods the job knows, behind one interface: apply a method to this rank's model stage, and
+say what it trains.
 
     apply(model, peft_cfg, model_cfg)          freeze what the method freezes, add its parameters
-    save(model, directory, peft_cfg, model_cfg, base)   write what was trained (atomically)
-    load(model, directory, model_cfg)          read it back into a model already ``apply``-ed
+    artefact                                   what is saved after training (framework/checkpoint/trained.py):
+        "adapter"        a small unsharded adapter directory (framework/checkpoint/adapter.py)
+        "prompt_table"   the prompt methods' table (framework/peft/virtual_tokens.py; ``module`` saves it)
+        "weights"        every weight (``peft.method=none``, full fine-tuning), through megatron
+                         dist_checkpointing so it reshards on load
 
-``peft.method=none`` is full-parameter fine-tuning: nothing frozen, and "what was trained" is every
-weight, saved through megatron dist_checkpointing (framework/checkpoint/ckpt_format.py) so it reshards on
-load. Every other method saves a small unsharded adapter directory (framework/checkpoint/adapter.py; the
-prompt methods' table in framework/peft/virtual_tokens.py). ``check(cfg, model_cfg)``, where a method has
-one, lists what is wrong with its ``peft.*`` keys before any process group starts.
+``check(cfg, model_cfg)``, where a method has one, lists what is wrong with its ``peft.*`` keys before any
+process group starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import importlib
 from typing import Callable
 
 
@@ -24,21 +23,23 @@ from typing import Callable
 class Method:
     name: str
     apply: Callable
-    save: Callable
-    load: Callable
-    trains_base: bool = False  # True: every base weight is trained (full SFT); the saved artefact is a checkpoint
+    artefact: str = "adapter"  # adapter | prompt_table | weights (see the module docstring)
+    module: str | None = None  # the peft module that saves and loads a prompt_table
     check: Callable | None = None  # check(cfg, model_cfg) -> list of problems with cfg.peft (before any process starts)
     # peft.targets names that adapt the MLP (refused on a mixture-of-experts MLP, framework/peft/moe.py) and
     # the attention-only list suggested instead
     mlp_targets: tuple = ()
     attention_targets: tuple = ()
 
+    @property
+    def trains_base(self) -> bool:
+        """Every base weight is trained (full fine-tuning): nothing is frozen, the artefact is a checkpoint."""
+        return self.artefact == "weights"
+
 
 def _lazy(module: str, name: str) -> Callable:
     """``module.name``, imported on first call (the registry itself stays import-light)."""
     def call(*args, **kwargs):
-        import importlib
-
         return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
     call.__name__ = name
@@ -60,63 +61,34 @@ def _apply_qlora(model, peft_cfg, model_cfg):
                 block_size=int(peft_cfg.block_size), scaler_block_size=int(peft_cfg.scaler_block_size))
 
 
-def _save_adapter(model, directory, peft_cfg, model_cfg, base=None):
-    from omegaconf import OmegaConf
-
-    from framework.checkpoint.adapter import save_adapter
-
-    cfg = OmegaConf.to_container(peft_cfg, resolve=True) if not isinstance(peft_cfg, dict) else peft_cfg
-    return save_adapter(model, directory, cfg, model_cfg, base=base)
-
-
-def _load_adapter(model, directory, model_cfg):
-    from framework.checkpoint.adapter import load_adapter
-
-    return load_adapter(model, directory, model_cfg)
-
-
 def _apply_none(model, peft_cfg, model_cfg):
     for p in model.parameters():
         p.requires_grad_(True)
-
-
-def _save_full(model, directory, peft_cfg, model_cfg, base=None):
-    from framework.checkpoint.ckpt_format import save_checkpoint
-
-    return save_checkpoint(model, directory, model_cfg)
-
-
-def _load_full(model, directory, model_cfg):
-    from framework.checkpoint.ckpt_format import load_checkpoint_into
-
-    return load_checkpoint_into(model, directory, model_cfg)
 
 
 _LORA_MLP = {"mlp_targets": ("fc1", "fc2"), "attention_targets": ("qkv", "proj")}
 _IA3_MLP = {"mlp_targets": ("fc2",), "attention_targets": ("k", "v")}
 _ADAPTER_MLP = {"mlp_targets": ("mlp",), "attention_targets": ("attention",)}
 METHODS: dict[str, Method] = {
-    "lora": Method("lora", _apply_lora, _save_adapter, _load_adapter,
+    "lora": Method("lora", _apply_lora,
                    check=_lazy("framework.peft.lora", "config_problems"), **_LORA_MLP),
     # DoRA, IA3 and Houlsby adapters wrap layers like LoRA and save through the same unsharded adapter files.
-    **{name: Method(name, _lazy(f"framework.peft.{module}", "apply_from_config"), _save_adapter, _load_adapter,
+    **{name: Method(name, _lazy(f"framework.peft.{module}", "apply_from_config"),
                     check=_lazy(f"framework.peft.{module}", "config_problems"), **mlp)
        for name, module, mlp in (("dora", "dora", _LORA_MLP), ("ia3", "ia3", _IA3_MLP),
                                  ("adapter", "adapters", _ADAPTER_MLP))},
-    "none": Method("none", _apply_none, _save_full, _load_full, trains_base=True),
+    "none": Method("none", _apply_none, artefact="weights"),
     # QLoRA adapters are LoRA adapters (same factors and files); only the base is stored as NF4.
-    "qlora": Method("qlora", _apply_qlora, _save_adapter, _load_adapter,
+    "qlora": Method("qlora", _apply_qlora,
                     check=_lazy("framework.peft.qlora", "config_problems"), **_LORA_MLP),
-    "prompt_tuning": Method("prompt_tuning", *(_lazy("framework.peft.prompt_tuning", f)
-                                               for f in ("apply_from_config", "save", "load")),
-                            check=_lazy("framework.peft.prompt_tuning", "config_problems")),
-    "ptuning": Method("ptuning", *(_lazy("framework.peft.p_tuning", f) for f in ("apply_from_config", "save", "load")),
-                      check=_lazy("framework.peft.p_tuning", "config_problems")),
+    **{name: Method(name, _lazy(f"framework.peft.{module}", "apply_from_config"), artefact="prompt_table",
+                    module=f"framework.peft.{module}", check=_lazy(f"framework.peft.{module}", "config_problems"))
+       for name, module in (("prompt_tuning", "prompt_tuning"), ("ptuning", "p_tuning"))},
 }
 
 
 def get_method(name: str) -> Method:
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
 
     try:
         return METHODS[name]
@@ -157,20 +129,11 @@ def _grads_through_recomputed_layers(model) -> None:
     back-propagates when one of its inputs requires grad. With a frozen base the embedding output does
     not, so the adapters inside the layers would silently get no gradient (as HF's
     ``enable_input_require_grads`` handles for gradient checkpointing): mark that output as requiring grad."""
-    from framework.peft.wrapping import unwrap
+    from framework.models.unwrap import unwrap_model
 
-    gpt = unwrap(model)
+    gpt = unwrap_model(model)
     config = getattr(gpt, "config", None)
     embedding = getattr(gpt, "embedding", None)
     if getattr(config, "recompute_granularity", None) != "full" or embedding is None:
         return
     embedding.register_forward_hook(lambda _module, _inputs, output: output.requires_grad_(True))
-
-
-def save_trained(model, directory: str | Path, peft_cfg, model_cfg, base: dict | None = None) -> Path:
-    """Write what ``peft_cfg.method`` trained (an adapter directory, or full weights) to ``directory``."""
-    return get_method(peft_cfg.method).save(model, Path(directory), peft_cfg, model_cfg, base)
-
-
-def load_trained(model, directory: str | Path, peft_cfg, model_cfg):
-    return get_method(peft_cfg.method).load(model, Path(directory), model_cfg)

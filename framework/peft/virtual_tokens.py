@@ -39,6 +39,8 @@ import math
 from pathlib import Path
 
 import torch
+
+from framework.models.unwrap import unwrap_model
 from torch import nn
 
 FORMAT_VERSION = 1
@@ -53,9 +55,7 @@ class VirtualTokenError(ValueError):
 
 
 def _gpt(model):
-    from framework.peft.lora import unwrap
-
-    return unwrap(model)
+    return unwrap_model(model)
 
 
 def num_virtual_tokens(model) -> int:
@@ -234,7 +234,7 @@ def save_prompt_adapter(model, directory, meta: dict, model_cfg, table: torch.Te
         import yaml
         from safetensors.torch import save_file
 
-        from framework.checkpoint.atomic import atomic_directory
+        from framework.runtime.atomic import atomic_directory
 
         if table is None:
             raise VirtualTokenError("global rank 0 has no prompt table: is it on the first pipeline stage?")

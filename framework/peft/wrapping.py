@@ -39,6 +39,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from framework.models.unwrap import unwrap_model
 
 #: layer target -> (submodule of a TransformerLayer, attribute)
 LAYER_TARGETS = {
@@ -60,15 +61,6 @@ CROSS_TARGETS = {
     "cross_proj": ("cross_attention", "linear_proj"),  # RowParallelLinear (cross-attention output)
 }
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers (anything with a ``.module``)."""
-    m = model
-    while not hasattr(m, "decoder") and hasattr(m, "module"):
-        m = m.module
-    if not hasattr(m, "decoder"):
-        raise TypeError(f"expected a megatron GPTModel (with .decoder), got {type(model).__name__}")
-    return m
 
 
 def parallel_mode(base: nn.Module) -> str:
@@ -260,6 +252,13 @@ def is_adapter_key(key: str) -> bool:
     return any(m in key for m in ADAPTER_KEY_MARKERS)
 
 
+def base_sharded_state_dict(model) -> dict:
+    """The model's sharded state dict without adapter tensors (LoRA, DoRA, IA3, bottleneck adapters): the
+    base weights that a checkpoint's weights/ holds."""
+    sd = unwrap_model(model).sharded_state_dict()
+    return {k: v for k, v in sd.items() if not is_adapter_key(k)}
+
+
 # -- finding and replacing modules -------------------------------------------------------------------------
 def check_targets(targets, valid, method: str = "LoRA", describe: str = "") -> tuple[str, ...]:
     if isinstance(targets, str):
@@ -309,7 +308,7 @@ def _slots(gpt) -> Iterator[Slot]:
 def wrap_targets(model: nn.Module, targets, make: Callable[[nn.Module, str, int | None], nn.Module]) -> list[str]:
     """Freeze every parameter of this stage and replace each targeted module by ``make(base, target,
     layer_number)``. Returns the wrapped modules' names (this stage's)."""
-    gpt = unwrap(model)
+    gpt = unwrap_model(model)
     cross = [t for t in targets if t in CROSS_TARGETS]
     if cross and getattr(gpt, "encoder", None) is None:
         raise ValueError(f"{cross}: cross-attention targets need an encoder-decoder model (T5); "
@@ -343,7 +342,7 @@ def _where(target: str, layer_number: int | None, stack: str | None) -> str:
 
 def peft_modules(model: nn.Module) -> Iterator[PeftWrapper]:
     """Every PEFT wrapper of this stage, embedding first, output last."""
-    for slot in _slots(unwrap(model)):
+    for slot in _slots(unwrap_model(model)):
         mod = getattr(slot.parent, slot.attr, None)
         if isinstance(mod, PeftWrapper):
             yield mod
@@ -352,7 +351,7 @@ def peft_modules(model: nn.Module) -> Iterator[PeftWrapper]:
 def remove_peft(model: nn.Module) -> int:
     """Put every wrapped base module back in place (the base weights are untouched; they stay frozen).
     Refuses while an adapter is merged. Returns how many wrappers were removed."""
-    gpt = unwrap(model)
+    gpt = unwrap_model(model)
     n = 0
     for slot in list(_slots(gpt)):
         mod = getattr(slot.parent, slot.attr)
@@ -370,7 +369,7 @@ def adapters_disabled(model: nn.Module):
     (its base module put back, as :func:`remove_peft` does) and put back on exit. Nothing is copied or
     changed, so the adapters' parameters, gradients and optimizer state are untouched (DPO's reference model
     without a second copy of the weights). Refused while an adapter is merged into its base weight."""
-    slots = [(s.parent, s.attr, getattr(s.parent, s.attr)) for s in _slots(unwrap(model))
+    slots = [(s.parent, s.attr, getattr(s.parent, s.attr)) for s in _slots(unwrap_model(model))
              if isinstance(getattr(s.parent, s.attr), PeftWrapper)]
     for _parent, _attr, mod in slots:
         if mod.merged:

@@ -205,7 +205,7 @@ def job_from_config(cfg, seq: int | None = None) -> Job:
     """The Job a composed fine-tuning config (conf/finetune.yaml) describes."""
     from omegaconf import OmegaConf
 
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.config.validate import model_config
     from framework.data.seq2seq import decoder_max_length
     from framework.peft.registry import moe_problems

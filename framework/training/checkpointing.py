@@ -46,8 +46,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from framework.checkpoint.atomic import publish, temp_dir_beside
-from framework.config.errors import ConfigError
+from framework.runtime.atomic import publish, temp_dir_beside
+from framework.runtime.errors import ConfigError
 from framework.training.train_state import STATE_FILE
 
 log = logging.getLogger("framework.checkpointing")

@@ -162,7 +162,7 @@ def _validator(cfg, model, reference, val_pairs, opts, pad_id: int, rt):
     over DP before the final sum of the metrics, so ranks may run different numbers of micro-batches."""
     from megatron.core import parallel_state as ps
 
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.data.preference import collate_pairs
     from framework.training.dpo import dpo_evaluate
 

@@ -75,11 +75,12 @@ def frozen_copy(policy, build):
     """``build()`` a model of the same family and layout, copy the policy's base weights into it (adapter
     tensors left out) and freeze it. Copying rather than loading the checkpoint again also makes a randomly
     initialised policy (model.source=random) its own reference."""
-    from framework.peft.wrapping import is_adapter_key, unwrap
+    from framework.peft.wrapping import is_adapter_key
+    from framework.models.unwrap import unwrap_model
 
     ref = build()
-    state = {k: v for k, v in unwrap(policy).state_dict().items() if not is_adapter_key(k)}
-    unwrap(ref).load_state_dict(state, strict=True)
+    state = {k: v for k, v in unwrap_model(policy).state_dict().items() if not is_adapter_key(k)}
+    unwrap_model(ref).load_state_dict(state, strict=True)
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref.eval()

@@ -279,7 +279,7 @@ def _trained_dir(cfg, root: Path) -> Path:
 
 
 def _save_trained(cfg, model, directory: Path, model_cfg) -> None:
-    from framework.peft.registry import save_trained
+    from framework.checkpoint.trained import save_trained
 
     save_trained(model.module, directory, cfg.peft, model_cfg, base={"name": cfg.model.name, "source": cfg.model.source})
 
@@ -329,7 +329,7 @@ def _resume_point(cfg, ckpts, rt):
     trainer.resume=never, the checkpoints of an earlier run in the same output_dir."""
     import torch.distributed as dist
 
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.training.checkpointing import TRAIN_STATE_DIR
     from framework.training.train_state import read_state
 
@@ -362,8 +362,8 @@ def _restore(cfg, point: Path, model, optimizer, scheduler, order, stopper, mode
     """Load the trained weights and the train state of checkpoint ``point``; returns the loop's progress.
     Refuses (naming the keys) a checkpoint trained with settings that would make the continuation another
     training run than the one it interrupted."""
-    from framework.config.errors import ConfigError
-    from framework.peft.registry import load_trained
+    from framework.runtime.errors import ConfigError
+    from framework.checkpoint.trained import load_trained
     from framework.training.checkpointing import TRAIN_STATE_DIR
     from framework.training.train_state import load_train_state, read_state, resume_settings, settings_differences
 
@@ -410,7 +410,7 @@ def _pack_training_set(cfg, train_set, rt):
 def pack_for_training(cfg, lengths: list[int], size: int, rt, unit: str = "samples") -> list[list[int]]:
     """Bins of ``size`` positions over items of ``lengths`` positions (``framework.data.packing.pack``),
     refused on the Transformer Engine layer spec, with the efficiency logged; ``unit`` names the items."""
-    from framework.config.validate import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.data.packing import pack, packing_efficiency
     from framework.models.gpt import te_available
 
@@ -460,7 +460,7 @@ def _validator(cfg, model, tokenizer, val_set, rt):
 
     n = len(val_set) if cfg.trainer.get("eval_samples") is None else min(int(cfg.trainer.eval_samples), len(val_set))
     if n < 1:
-        from framework.config.validate import ConfigError
+        from framework.runtime.errors import ConfigError
 
         raise ConfigError(f"trainer.eval_samples={cfg.trainer.eval_samples}: validation needs at least one sample "
                           f"(validation samples available: {len(val_set)})")
@@ -498,7 +498,7 @@ def _evaluate_test(cfg, model, tokenizer, rt) -> float | None:
 
 def evaluate_adapter(cfg: DictConfig, adapter_dir: str) -> float:
     """Validation loss of the configured model with a saved adapter, as the job computes it."""
-    from framework.peft.registry import load_trained
+    from framework.checkpoint.trained import load_trained
     from framework.runtime import distributed as rtd
 
     model_cfg, tokenizer, _train, val_set, _reports = prepare_inputs(cfg, rtd.world_size_from_env())

@@ -60,7 +60,7 @@ def job_problems(cfg, model_cfg) -> list[str]:
     """What a fine-tuning config asks of an encoder-decoder model that the job does not do (each names its key)."""
     from omegaconf import OmegaConf
 
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
     from framework.models.t5 import check_t5
 
     problems = []

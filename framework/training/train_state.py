@@ -131,9 +131,9 @@ def _rng_file(directory: Path, tp: int, pp: int, dp: int) -> Path:
 
 # -- optimizer ----------------------------------------------------------------------------------------------
 def _optimizer_sharded(model, optimizer, is_loading: bool) -> dict:
-    from framework.peft.lora import unwrap
+    from framework.models.unwrap import unwrap_model
 
-    return optimizer.sharded_state_dict(unwrap(model).sharded_state_dict(), is_loading=is_loading,
+    return optimizer.sharded_state_dict(unwrap_model(model).sharded_state_dict(), is_loading=is_loading,
                                         metadata=OPTIMIZER_METADATA)
 
 
@@ -272,7 +272,7 @@ def load_train_state(directory, *, model, optimizer, scheduler, order, stopper, 
     """Restore optimizer, scheduler, RNG, data position and early-stopping counters from ``directory``;
     returns the loop's progress. The weights are restored separately (framework.peft.registry.load_trained)
     and must be loaded first: a bf16 optimizer's fp32 main params are overwritten here."""
-    from framework.config.errors import ConfigError
+    from framework.runtime.errors import ConfigError
 
     directory = Path(directory)
     state = read_state(directory)

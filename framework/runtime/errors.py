@@ -1,13 +1,18 @@
-"""Errors a user can fix by editing their data or tokenizer files.
+"""The errors a user can fix, on the ground floor so that every layer raises the same classes.
 
-Every error names the file and, where one exists, the 1-based line, so the message alone is enough to
-find the problem: ``data/x.jsonl:12: expected a string under "completion", got int``. Launchers print
-``error: <message>`` and exit non-zero instead of showing a stack trace.
+Launchers turn each into one line, ``error: <message>``, and a non-zero exit instead of a stack trace
+(launch/errors.py). Every message names where the problem is: the config key and a value that works, the
+data file and its 1-based line (``data/x.jsonl:12: expected a string under "completion", got int``), or the
+checkpoint directory and what it lacks.
 """
 
 from __future__ import annotations
 
 import os
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, with the key that holds it."""
 
 
 class DataError(ValueError):
@@ -29,3 +34,7 @@ class DataError(ValueError):
 
 class TokenizerError(DataError):
     """A missing or unusable tokenizer directory (``line`` is None, or the line of a bad JSON file)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, damaged, or does not fit the model being loaded."""
