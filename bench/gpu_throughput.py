@@ -9,7 +9,7 @@ NGC PyTorch container). Without a GPU it stops at once with a message and exit s
 The model is conf/model/llama3_8b.yaml's shape (hidden 4096, 32 layers, 32 query / 8 KV heads, head dim
 128, SwiGLU 14336, vocabulary 128256, untied), built by framework/models/gpt.py ``build_gpt`` with
 megatron's Transformer Engine layer spec, bf16 parameters, random weights (no download). FP8 is TE
-delayed scaling, the job's ``precision=fp8`` (framework/config/precision.py ``transformer_settings``:
+delayed scaling, the job's ``precision=fp8`` (framework/models/precision.py ``transformer_settings``:
 hybrid format, amax history 1024, max). LoRA: rank 16, alpha 32, on qkv, proj, fc1, fc2 (NeMo's default
 targets). Full SFT: every parameter trains, megatron's Adam with fp32 main parameters and gradients; on one
 80 GB GPU the whole 8B model does not fit (16 GB bf16 weights + 16 x 8B bytes of fp32 master weights,
@@ -82,7 +82,7 @@ def require_gpu(runs) -> None:
     if not torch.cuda.is_available():
         raise NoGPU("bench/gpu_throughput.py needs a CUDA GPU (H100/H200 class) and found none "
                     f"(torch {torch.__version__}, torch.cuda.is_available() is False); run it on a GPU machine")
-    from framework.config.precision import fp8_available
+    from framework.models.precision import fp8_available
     from framework.models.gpt import te_available
 
     if not te_available():
@@ -154,7 +154,7 @@ def run_one(name: str, a, cfg_path: str) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from framework.config.precision import transformer_settings
+    from framework.models.precision import transformer_settings
     from framework.models.gpt import build_gpt
     from framework.peft.registry import apply_peft
     from framework.runtime import initialize

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     if "--help" in argv or "-h" in argv:
         print(__doc__)
         return 0
-    from framework.config.validate import model_config
+    from framework.checkpoint.model_checks import model_config
     from framework.peft.param_count import count_on_meta, format_table
     from framework.runtime.distributed import initialize
 

@@ -22,7 +22,8 @@ the tokenizer (and whether the model is an encoder-decoder).
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -33,7 +34,7 @@ from launch.errors import exit_on_user_error  # noqa: E402
 _QUIET_HYDRA = {"hydra.run.dir": ".", "hydra/job_logging": "stdout"}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
+@hydra.main(version_base="1.3", config_path=os.path.join(ROOT, "conf"), config_name="finetune")
 def _main(cfg: DictConfig) -> None:
     from framework.runtime.logs import setup_logging
 
@@ -47,7 +48,7 @@ def run(cfg: DictConfig) -> None:
     from framework.data.prepare import cache_dir, check_files, check_options, prepare_config
     from framework.data.report import format_reports
     from framework.data.tokenizer import Tokenizer
-    from framework.models import hub
+    from framework.checkpoint import hub
 
     from framework.data.seq2seq import use_seq2seq_format
 

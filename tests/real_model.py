@@ -26,6 +26,6 @@ def smollm2_tokenizer_dir():
     require_smollm2()
     from omegaconf import OmegaConf
 
-    from framework.models import hub
+    from framework.checkpoint import hub
 
     return hub.tokenizer_dir(OmegaConf.create({"source": "smollm2", "path": None, "tokenizer": None}))

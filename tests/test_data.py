@@ -444,7 +444,7 @@ def test_validation_split_needs_two_samples(tok, tmp_path):
 ])
 def test_validation_keys_are_checked_before_the_job(overrides, message):
     from framework.runtime.errors import ConfigError
-    from framework.config.validate import validate
+    from framework.training.job_config import validate
     from tests.test_finetune_job import compose
 
     with pytest.raises(ConfigError) as e:

@@ -564,7 +564,7 @@ def test_smollm2_generalises_to_held_out_pairs(tmp_path):
 ])
 def test_bad_dpo_config_is_refused(tiny_tokenizer_dir, overrides, needle):
     from framework.runtime.errors import ConfigError
-    from framework.config.validate import validate
+    from framework.training.job_config import validate
 
     cfg = compose(["model=tiny_llama", f"model.tokenizer={tiny_tokenizer_dir}", *overrides])
     with pytest.raises(ConfigError) as e:
@@ -574,7 +574,7 @@ def test_bad_dpo_config_is_refused(tiny_tokenizer_dir, overrides, needle):
 
 def test_sft_job_refuses_preference_data(tiny_tokenizer_dir):
     from framework.runtime.errors import ConfigError
-    from framework.config.validate import validate
+    from framework.training.job_config import validate
 
     cfg = compose(["model=tiny_llama", f"model.tokenizer={tiny_tokenizer_dir}", "data=preference_arithmetic"],
                   config_name="finetune")

@@ -86,7 +86,7 @@ def test_mistral_roundtrip_is_bitwise(cases, tmp_path):
 
 def _packed_worker(tp, sp, hf_dir, row):
     from framework.checkpoint.hf_import import load_hf_into_gpt
-    from framework.inference.logits import gather_vocab_parallel
+    from framework.models.vocab_parallel import gather_vocab_parallel
     from framework.models.registry import build_model, config_from_hf
     from framework.runtime.distributed import initialize
 

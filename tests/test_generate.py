@@ -249,7 +249,7 @@ def compose(overrides, config_name="generate"):
 
 def _generate_with_adapter(cfg, prompts):
     """What launch/generate.py does with adapter=...: the registry applies and loads the adapter."""
-    from framework.config.validate import model_config
+    from framework.checkpoint.model_checks import model_config
     from framework.inference.generate import GenerationConfig, generate
     from framework.inference.loading import load_model
     from framework.runtime import distributed as rtd

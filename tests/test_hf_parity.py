@@ -142,7 +142,7 @@ def smollm2_case():
     from tokenizers import Tokenizer
     from transformers import LlamaForCausalLM
 
-    from framework.models import hub
+    from framework.checkpoint import hub
 
     hf_dir = hub.smollm2_dir()
     tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
@@ -248,7 +248,7 @@ def test_config_mapping_both_rope_formats():
 
 @pytest.mark.timeout(30)
 def test_hub_sources(tmp_path):
-    from framework.models import hub
+    from framework.checkpoint import hub
 
     _tiny_hf("mha_4x4", 0).save_pretrained(tmp_path / "m")
     node = {"source": "hf", "path": str(tmp_path / "m")}
@@ -271,7 +271,7 @@ def test_smollm2_conversion_runs_once_under_concurrency(tmp_path, monkeypatch):
     import threading
     import time
 
-    from framework.models import hub
+    from framework.checkpoint import hub
 
     calls = []
 

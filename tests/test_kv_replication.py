@@ -292,7 +292,7 @@ def test_job_multi_query_random_start_tp2_paused_and_resumed_equals_tp1(tiny_tok
 # -- refused layouts ----------------------------------------------------------------------------------------
 def test_tp_neither_dividing_nor_multiple_of_kv_heads_is_refused_by_key(tiny_tokenizer_dir):
     from framework.runtime.errors import ConfigError
-    from framework.config.validate import validate
+    from framework.training.job_config import validate
     from framework.models import kv_replication
     from framework.models.config import ModelConfig
     from tests.test_finetune_job import compose

@@ -33,7 +33,7 @@ def test_mlp_targets_on_moe_refused_by_key_before_start(method, tiny_tokenizer_d
     import torch.distributed as dist
 
     from framework.runtime.errors import ConfigError
-    from framework.config.validate import validate
+    from framework.training.job_config import validate
 
     override, suggestion = MLP_CASES[method]
     with pytest.raises(ConfigError) as err:
@@ -49,7 +49,7 @@ def test_mlp_targets_on_moe_refused_by_key_before_start(method, tiny_tokenizer_d
 @pytest.mark.parametrize("method,targets", [("lora", "[qkv,proj]"), ("dora", "[qkv,proj]"), ("qlora", "[qkv]"),
                                             ("ia3", "[k,v]"), ("adapter", "[attention]")])
 def test_attention_targets_on_moe_and_mlp_targets_on_dense_pass(method, targets, tiny_tokenizer_dir):
-    from framework.config.validate import validate
+    from framework.training.job_config import validate
     from tests.test_finetune_job import compose
 
     validate(_cfg(tiny_tokenizer_dir, f"peft={method}", f"peft.targets={targets}"), 1)

@@ -322,7 +322,7 @@ def test_dora_with_dropout_matches_hf_peft():
 ])
 def test_bad_peft_config_is_refused_before_start(method, overrides, message, tiny_tokenizer_dir):
     from framework.runtime.errors import ConfigError
-    from framework.config.validate import validate
+    from framework.training.job_config import validate
     from tests.test_finetune_job import compose
 
     cfg = compose(["model=tiny_llama", f"model.tokenizer={tiny_tokenizer_dir}", f"peft={method}", *overrides])

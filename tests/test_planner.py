@@ -46,7 +46,7 @@ def test_parameter_counts_equal_the_built_models():
 def _falcon_7b_like():
     """conf/model/falcon_7b.yaml (multi-query: 1 KV head; LayerNorm, GELU, parallel attention/MLP, tied
     embeddings), shrunk to 4 heads so that TP=2 and TP=4 replicate its KV head 2 and 4 times."""
-    from framework.config.validate import model_config
+    from framework.checkpoint.model_checks import model_config
 
     arch = dict(vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=256,
                 kv_channels=16, max_position_embeddings=64)
@@ -129,7 +129,7 @@ def test_per_rank_counts_equal_the_built_ranks_kv_copies_included(tp):
     ("mixtral_8x7b", 46_702_792_704),  # mistralai/Mixtral-8x7B-v0.1
 ])
 def test_parameter_counts_of_real_models(model, published):
-    from framework.config.validate import model_config
+    from framework.checkpoint.model_checks import model_config
     from framework.planner.params import count
 
     cfg = model_config(compose([f"model={model}"]))

@@ -13,7 +13,7 @@ from tests.test_finetune_job import compose
 
 def test_fp8_is_refused_without_te_and_hopper(tiny_tokenizer_dir):
     from framework.runtime.errors import ConfigError
-    from framework.config.validate import validate
+    from framework.training.job_config import validate
 
     if torch.cuda.is_available():
         pytest.skip("this check is about machines without an fp8-capable GPU")  # the GPU path is benchmarked
@@ -27,7 +27,7 @@ def test_fp8_is_refused_without_te_and_hopper(tiny_tokenizer_dir):
 
 
 def test_fp8_settings_reach_the_transformer_config():
-    from framework.config.precision import transformer_settings
+    from framework.models.precision import transformer_settings
 
     cfg = compose(["precision=fp8", "fp8.recipe=current", "trainer.recompute=full"])
     assert transformer_settings(cfg) == dict(
@@ -36,7 +36,7 @@ def test_fp8_settings_reach_the_transformer_config():
 
 
 def _loss_and_grads(recompute: str, tp: int, method: str = "none"):
-    from framework.config.precision import transformer_settings
+    from framework.models.precision import transformer_settings
     from framework.models.config import ModelConfig
     from framework.models.gpt import build_gpt
     from framework.runtime.distributed import initialize

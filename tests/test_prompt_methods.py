@@ -363,7 +363,8 @@ def test_short_finetune_reduces_validation_loss(tiny_tokenizer_dir, tmp_path, pe
 
 
 def test_bad_prompt_config_is_refused(tiny_tokenizer_dir):
-    from framework.config.validate import ConfigError, validate
+    from framework.runtime.errors import ConfigError
+    from framework.training.job_config import validate
 
     cfg = _compose(["model=tiny_llama", "model.source=random", f"model.tokenizer={tiny_tokenizer_dir}",
                     "peft=ptuning", "peft.num_virtual_tokens=1000", "data.max_length=64",

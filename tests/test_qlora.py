@@ -292,7 +292,8 @@ def test_short_qlora_finetune_reduces_validation_loss(tiny_tokenizer_dir, tmp_pa
 
 
 def test_bad_block_sizes_are_refused(tiny_tokenizer_dir):
-    from framework.config.validate import ConfigError, validate
+    from framework.runtime.errors import ConfigError
+    from framework.training.job_config import validate
     from tests.test_finetune_job import compose
 
     cfg = compose(["model=tiny_llama", "model.source=random", f"model.tokenizer={tiny_tokenizer_dir}", "peft=qlora",

@@ -181,7 +181,7 @@ def test_job_arch_rope_scaling_is_checked():
     from omegaconf import OmegaConf
 
     from framework.runtime.errors import ConfigError
-    from framework.config.validate import model_config
+    from framework.checkpoint.model_checks import model_config
 
     cfg = OmegaConf.create({"model": {"arch": {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}}})
     with pytest.raises(ConfigError, match=r"model.arch: rope_scaling.rope_type='yarn'"):

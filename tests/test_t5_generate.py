@@ -52,7 +52,7 @@ def generating_t5(cfg: ModelConfig, seed: int, pad: int = PAD):
 @pytest.fixture(scope="module")
 def tiny_t5(tmp_path_factory):
     """conf/model/t5_tiny.yaml as such a T5 (vocabulary 512; pad = decoder start = the tiny tokenizer's)."""
-    from framework.config.validate import model_config
+    from framework.checkpoint.model_checks import model_config
 
     cfg = model_config(compose(["model=t5_tiny", "model.tokenizer=unused"]))
     path = tmp_path_factory.mktemp("tiny_t5")
@@ -255,7 +255,7 @@ def test_t5_peft_adapters_that_do_not_fit_are_refused(tmp_path):
 
 def _generate_with_adapter(cfg, prompts):
     """What launch/generate.py does with adapter=...: the registry applies and loads the adapter."""
-    from framework.config.validate import model_config
+    from framework.checkpoint.model_checks import model_config
     from framework.inference.generate import GenerationConfig, generate
     from framework.inference.loading import load_model
     from framework.runtime import distributed as rtd

@@ -232,7 +232,7 @@ def test_loss_and_gradients_match_transformers_and_peft(cases, tmp_path, tp, sp,
 def _greedy_worker(tp: int, sp: bool, cfg: ModelConfig, hf_dir: str, prompts: list, n: int):
     from framework.checkpoint.hf_import import load_hf_into_gpt
     from framework.models.registry import build_model
-    from framework.models.t5 import t5_greedy
+    from framework.inference.generate import t5_greedy
     from framework.runtime.distributed import initialize
 
     initialize(tp=tp, pp=1, sp=sp)
@@ -317,7 +317,7 @@ def test_parameter_counts_of_t5_base_and_large():
     sizes of google-t5/t5-base (223M) and t5-large (738M)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from framework.config.validate import model_config
+    from framework.checkpoint.model_checks import model_config
     from framework.models.families import t5
     from framework.planner.params import count
 
@@ -354,7 +354,7 @@ TOKENIZER_PAD = 2  # tests/tokenizer_fixture.py: <pad> = 2, </s> = 1 = EOS
 def tiny_t5_hf(tmp_path_factory):
     """conf/model/t5_tiny.yaml as a random HF T5 (vocabulary 512 and pad/decoder start: the tiny test
     tokenizer's)."""
-    from framework.config.validate import model_config
+    from framework.checkpoint.model_checks import model_config
 
     cfg = model_config(compose(["model=t5_tiny", "model.tokenizer=unused"]))
     path = tmp_path_factory.mktemp("tiny_t5_hf")
@@ -481,7 +481,7 @@ def test_full_finetuning_job_tp2_matches_tp1_and_weights_reload(tiny_t5_hf, tiny
 
 def _refusals(cfg, world: int = 1) -> str:
     from framework.runtime.errors import ConfigError
-    from framework.config.validate import validate
+    from framework.training.job_config import validate
 
     with pytest.raises(ConfigError) as e:
         validate(cfg, world)
@@ -489,7 +489,7 @@ def _refusals(cfg, world: int = 1) -> str:
 
 
 def test_what_the_job_does_not_do_for_t5_is_refused_by_key(tiny_tokenizer_dir, tmp_path):
-    from framework.config.validate import validate_generation
+    from framework.inference.options import validate_generation
     from tests.test_generate import compose as compose_generate
 
     def job(*extra):

@@ -306,3 +306,15 @@ def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_id: i
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=() if eos_id is None else (eos_id,),
                            use_cache=not unwrap_model(model).config.sequence_parallel)
     return generate(model, [list(prompt_ids)], cfg, pad_id=prompt_ids[-1])[0].tokens
+
+
+def t5_greedy(model, encoder_ids: list[int], max_new_tokens: int, decoder_start_id: int, eos_id: int,
+              pad_multiple: int = 1) -> list[int]:
+    """Greedy completion of one encoder input: the decoder starts from ``decoder_start_id`` and appends the
+    argmax token until ``eos_id`` (kept) or ``max_new_tokens``, as transformers' ``generate`` with
+    ``do_sample=False``. The encoder runs once, the decoder over the whole prefix at each step
+    (framework/inference/encoder_decoder.py); under sequence parallelism both sequences are padded to a multiple of
+    the TP size (``pad_multiple`` is unused: the model's config says it). The same on every TP rank."""
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=(eos_id,))
+    done = generate(model, [list(encoder_ids)], cfg, pad_id=decoder_start_id, decoder_start_id=decoder_start_id)[0]
+    return done.tokens + ([eos_id] if done.finish_reason == "stop" else [])

@@ -74,12 +74,12 @@ def stop_ids(tokenizer, tokens) -> tuple[int, ...]:
 def prepare(cfg: DictConfig, world_size: int):
     """Validate the config, load the tokenizer and read every request; no process group needed."""
     from framework.runtime.errors import ConfigError
-    from framework.config.validate import validate_generation
+    from framework.inference.options import validate_generation
     from framework.data.tokenizer import Tokenizer
     from framework.inference.loading import trained_peft_config
     from framework.inference.options import generation_config
     from framework.inference.requests import read_requests
-    from framework.models import hub
+    from framework.checkpoint import hub
     from framework.training.t5_step import T5_METHODS
 
     model_cfg = validate_generation(cfg, world_size)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from framework.inference.generate import GenerationConfig
 from framework.inference.sampling import Sampling
+from framework.checkpoint.model_checks import model_config, model_problems
+from framework.models.config import ModelConfig
+from framework.runtime.errors import ConfigError
 
 MODES = ("generate", "eval")
 
@@ -66,3 +69,13 @@ def encoder_decoder_problems(cfg, model) -> list[str]:
         problems.append("precision=fp8 is not supported for T5 (it runs on the local layer spec, not Transformer "
                         "Engine's); use precision=bf16 or fp32")
     return problems
+
+
+def validate_generation(cfg, world_size: int) -> ModelConfig:
+    """The checks of conf/generate.yaml (launch/generate.py, launch/evaluate.py): model, layout and precision
+    as for training, then mode, input, batch_size, generate.* and eval.* (framework/inference/options.py)."""
+    model = model_config(cfg)
+    problems = model_problems(cfg, model, world_size) + generation_problems(cfg, model)  # T5: no PP, no fp8
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return model

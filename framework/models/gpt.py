@@ -23,7 +23,7 @@ def activation(name: str):
 def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
                        params_dtype: torch.dtype = torch.float32, on_gpu: bool = False, **settings):
     """``settings``: further TransformerConfig fields of the job (fp8 recipe, activation recompute:
-    framework/config/precision.py)."""
+    framework/models/precision.py)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from framework.models.layout import pipeline_split
@@ -193,7 +193,7 @@ def scale_embeddings(embedding, multiplier: float) -> None:
 def build_gpt(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
               params_dtype: torch.dtype = torch.float32, **settings):
     """Build this rank's pipeline stage of a decoder-only GPTModel. Process groups must exist.
-    ``settings`` go to the TransformerConfig (fp8, recompute: framework/config/precision.py)."""
+    ``settings`` go to the TransformerConfig (fp8, recompute: framework/models/precision.py)."""
     from megatron.core import parallel_state
 
     from framework.runtime import cpu_compat

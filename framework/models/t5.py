@@ -30,8 +30,8 @@ falls short (each gap is filled here by a small megatron-style piece, named belo
 
 Fine-tuning (framework/training/t5_step.py) calls ``T5Model.forward`` with ``lm_labels`` for megatron's
 vocab-parallel cross entropy per decoder position; :func:`t5_encode` runs the encoder alone, :func:`t5_logits`
-gives full logits (from token ids, or from encoder states computed once), and :func:`t5_greedy` a greedy
-completion for the job's before/after check (framework/inference/seq2seq.py: no KV cache).
+gives full logits (from token ids, or from encoder states computed once); generation is in
+framework/inference/encoder_decoder.py.
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ def t5_logits(model, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor,
     decoder is causal. ``encoder_hidden``: the encoder's states of these rows (:func:`t5_encode`), so only
     the decoder runs. Differentiable; call under ``torch.no_grad()`` for inference.
     """
-    from framework.inference.logits import gather_vocab_parallel
+    from framework.models.vocab_parallel import gather_vocab_parallel
     from framework.models.unwrap import unwrap_model
 
     if encoder_ids.dim() != 2 or decoder_ids.dim() != 2 or encoder_ids.shape[0] != decoder_ids.shape[0]:
@@ -258,17 +258,3 @@ def t5_logits(model, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor,
     t5 = unwrap_model(model)
     logits = t5(encoder_ids, decoder_ids, masked, None, masked, encoder_hidden_states=encoder_hidden)  # [b, s, V/tp]
     return gather_vocab_parallel(logits).float()
-
-
-def t5_greedy(model, encoder_ids: list[int], max_new_tokens: int, decoder_start_id: int, eos_id: int,
-              pad_multiple: int = 1) -> list[int]:
-    """Greedy completion of one encoder input: the decoder starts from ``decoder_start_id`` and appends the
-    argmax token until ``eos_id`` (kept) or ``max_new_tokens``, as transformers' ``generate`` with
-    ``do_sample=False``. The encoder runs once, the decoder over the whole prefix at each step
-    (framework/inference/seq2seq.py); under sequence parallelism both sequences are padded to a multiple of
-    the TP size (``pad_multiple`` is unused: the model's config says it). The same on every TP rank."""
-    from framework.inference.generate import GenerationConfig, generate
-
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=(eos_id,))
-    done = generate(model, [list(encoder_ids)], cfg, pad_id=decoder_start_id, decoder_start_id=decoder_start_id)[0]
-    return done.tokens + ([eos_id] if done.finish_reason == "stop" else [])

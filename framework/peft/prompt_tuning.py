@@ -12,7 +12,7 @@ Initialisation (HF PEFT's ``prompt_tuning_init``):
 
 drawn from ``seed`` (default: the run's seed) alone, so every rank and every layout starts from the same P.
 ``text`` tokenises with the job's tokenizer (``peft.text_tokenizer``, defaulting to the model's) without
-special tokens.
+special tokens; the model builder passes the tokenising function in (this layer knows no tokenizer).
 """
 
 from __future__ import annotations
@@ -72,14 +72,16 @@ def apply_prompt_tuning(model, num_virtual_tokens: int, init: str = "random", in
 
 
 # -- registry interface ------------------------------------------------------------------------------
-def apply_from_config(model, peft_cfg, model_cfg) -> None:
+def apply_from_config(model, peft_cfg, model_cfg, encode_text=None) -> None:
+    """``encode_text(text) -> ids`` tokenises ``peft.init_text`` for init=text: the caller that knows the
+    tokenizer passes it (framework/checkpoint/model_loading.py), since a PEFT method knows no tokenizer."""
     init = peft_cfg.get("init", "random")
     text_ids = None
     if init == "text":
-        from framework.data.tokenizer import Tokenizer
-        from framework.models import hub
-
-        text_ids = Tokenizer.from_dir(hub.tokenizer_dir(peft_cfg.text_tokenizer)).encode(str(peft_cfg.init_text))
+        if encode_text is None:
+            raise VirtualTokenError("peft.init=text needs the tokenizer of peft.text_tokenizer to tokenise "
+                                    "peft.init_text; pass encode_text to apply_peft")
+        text_ids = encode_text(str(peft_cfg.init_text))
     apply_prompt_tuning(model, int(peft_cfg.num_virtual_tokens), init=init, init_text_ids=text_ids,
                         seed=peft_cfg.get("seed"))
 

@@ -25,6 +25,7 @@ class Method:
     apply: Callable
     artefact: str = "adapter"  # adapter | prompt_table | weights (see the module docstring)
     module: str | None = None  # the peft module that saves and loads a prompt_table
+    encodes_text: bool = False  # apply() takes encode_text (prompt tuning initialised from peft.init_text)
     check: Callable | None = None  # check(cfg, model_cfg) -> list of problems with cfg.peft (before any process starts)
     # peft.targets names that adapt the MLP (refused on a mixture-of-experts MLP, framework/peft/moe.py) and
     # the attention-only list suggested instead
@@ -82,7 +83,8 @@ METHODS: dict[str, Method] = {
     "qlora": Method("qlora", _apply_qlora,
                     check=_lazy("framework.peft.qlora", "config_problems"), **_LORA_MLP),
     **{name: Method(name, _lazy(f"framework.peft.{module}", "apply_from_config"), artefact="prompt_table",
-                    module=f"framework.peft.{module}", check=_lazy(f"framework.peft.{module}", "config_problems"))
+                    module=f"framework.peft.{module}", check=_lazy(f"framework.peft.{module}", "config_problems"),
+                    encodes_text=name == "prompt_tuning")
        for name, module in (("prompt_tuning", "prompt_tuning"), ("ptuning", "p_tuning"))},
 }
 
@@ -116,9 +118,14 @@ def moe_problems(peft_cfg, model_cfg) -> list[str]:
     return moe.config_problems(peft_cfg, model_cfg, method.mlp_targets, method.attention_targets)
 
 
-def apply_peft(model, peft_cfg, model_cfg) -> Method:
+def apply_peft(model, peft_cfg, model_cfg, encode_text=None) -> Method:
+    """Apply ``peft_cfg.method`` to this rank's model stage. ``encode_text(text) -> token ids`` is needed by
+    methods initialised from text (prompt tuning with init=text)."""
     method = get_method(peft_cfg.method)
-    method.apply(model, peft_cfg, model_cfg)
+    if method.encodes_text:
+        method.apply(model, peft_cfg, model_cfg, encode_text=encode_text)
+    else:
+        method.apply(model, peft_cfg, model_cfg)
     if not method.trains_base:
         _grads_through_recomputed_layers(model)
     return method

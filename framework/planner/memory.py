@@ -206,7 +206,7 @@ def job_from_config(cfg, seq: int | None = None) -> Job:
     from omegaconf import OmegaConf
 
     from framework.runtime.errors import ConfigError
-    from framework.config.validate import model_config
+    from framework.checkpoint.model_checks import model_config
     from framework.data.seq2seq import decoder_max_length
     from framework.peft.registry import moe_problems
 

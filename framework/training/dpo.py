@@ -325,7 +325,7 @@ def sequence_logps(model, micro_batches: list[dict], precision: str = "fp32") ->
 
 
 def job_problems(cfg) -> list[str]:
-    """What a preference-tuning job needs of ``data`` and ``dpo`` (framework/config/validate.py calls this for
+    """What a preference-tuning job needs of ``data`` and ``dpo`` (framework/training/job_config.py calls this for
     any job with a ``dpo`` node or preference data)."""
     from framework.data.preference import FORMAT, check_preference_options
 

@@ -63,10 +63,10 @@ class DPOResult:
 
 def prepare_inputs(cfg: DictConfig, world_size: int):
     """Validate the config, resolve the model files and tokenise the pairs; no process groups needed."""
-    from framework.config.validate import validate
+    from framework.training.job_config import validate
     from framework.data.preference import prepare_preferences
     from framework.data.tokenizer import Tokenizer
-    from framework.models import hub
+    from framework.checkpoint import hub
 
     model_cfg = validate(cfg, world_size)
     if cfg.model.source != "random":

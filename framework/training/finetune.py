@@ -43,10 +43,10 @@ class RunResult:
 
 def prepare_inputs(cfg: DictConfig, world_size: int):
     """Validate config, resolve model files and tokenise data; no process groups needed."""
-    from framework.config.validate import validate
+    from framework.training.job_config import validate
     from framework.data.prepare import prepare_config
     from framework.data.tokenizer import Tokenizer
-    from framework.models import hub
+    from framework.checkpoint import hub
 
     model_cfg = validate(cfg, world_size)
     from framework.data.seq2seq import use_seq2seq_format
@@ -75,10 +75,10 @@ def _check_memory_plan(cfg: DictConfig, world_size: int) -> None:
 
 def build_model(cfg: DictConfig, model_cfg, rt):
     """This rank's stage of the model with pretrained weights (or random for source=random), PEFT applied."""
-    from framework.models import hub
+    from framework.checkpoint import hub
     from framework.models.registry import get_family
 
-    from framework.config.precision import transformer_settings
+    from framework.models.precision import transformer_settings
 
     on_gpu = rt.device.type == "cuda"
     dtype = torch.bfloat16 if cfg.precision in ("bf16", "fp8") and on_gpu else torch.float32
@@ -94,7 +94,7 @@ def build_model(cfg: DictConfig, model_cfg, rt):
         load_hf_into_gpt(model, hub.model_dir(cfg.model), model_cfg)
     from framework.peft.registry import apply_peft
 
-    apply_peft(model, cfg.peft, model_cfg)
+    apply_peft(model, cfg.peft, model_cfg, encode_text=hub.text_encoder(cfg.peft))
     return model
 
 

@@ -49,7 +49,7 @@ def seq2seq_batches(micro_batch_indices: list[list[int]], indices: list[int], da
 def complete(model, sample, tokenizer, max_new_tokens: int, pad_multiple: int) -> str:
     """Greedy completion of a seq2seq sample's encoder input (its prompt + eos)."""
     from framework.data.seq2seq import split
-    from framework.models.t5 import t5_greedy
+    from framework.inference.generate import t5_greedy
 
     encoder, _ = split(sample)
     ids = t5_greedy(model, encoder, max_new_tokens, tokenizer.pad_id, tokenizer.eos_id, pad_multiple)

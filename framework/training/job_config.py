@@ -1,42 +1,13 @@
-"""Check a job's configuration before any process group starts; every failure names the key and a fix."""
+"""Check a training job's configuration (SFT, DPO) before any process group starts: every section's
+problems in one message, each naming the key and a fix."""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from framework.runtime.errors import ConfigError
+from framework.checkpoint.model_checks import model_config, model_problems
 from framework.models.config import ModelConfig
-from framework.models.layout import LayoutError, check_layout
-
-
-def model_config(cfg: DictConfig) -> ModelConfig:
-    try:
-        return ModelConfig.from_dict(OmegaConf.to_container(cfg.model.arch, resolve=True))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model.arch: {e}") from None
-
-
-def model_problems(cfg: DictConfig, model: ModelConfig, world_size: int) -> list[str]:
-    """What any job needs of model.*, parallel.* and precision: a known family, a layout the model can take
-    on ``world_size`` processes, a known precision and model source."""
-    from framework.models.hub import SOURCES
-    from framework.models.registry import FAMILIES
-
-    problems = []
-    if model.family not in FAMILIES:
-        problems.append(f"model.arch.family={model.family!r} is not a known family; known: {sorted(FAMILIES)}")
-    par = cfg.parallel
-    try:
-        check_layout(model, int(par.tensor), int(par.pipeline), bool(par.sequence), world_size,
-                     par.get("first_stage_layers"), par.get("last_stage_layers"))
-    except LayoutError as e:
-        problems.append(str(e).replace("invalid parallel layout:\n  - ", "").replace("\n  - ", "\n"))
-    from framework.config.precision import precision_problems
-
-    problems += precision_problems(cfg)  # fp8 only with TE on a Hopper-class GPU; trainer.recompute
-    if cfg.model.source not in SOURCES:
-        problems.append(f"model.source={cfg.model.source!r} is not one of {', '.join(SOURCES)}")
-    return problems
+from framework.runtime.errors import ConfigError
 
 
 def validate(cfg: DictConfig, world_size: int) -> ModelConfig:
@@ -94,18 +65,6 @@ def validate(cfg: DictConfig, world_size: int) -> ModelConfig:
     if isinstance(cfg.data.max_length, int) and cfg.data.max_length > model.max_position_embeddings:
         problems.append(f"data.max_length={cfg.data.max_length} exceeds the model's "
                         f"max_position_embeddings={model.max_position_embeddings}")
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    return model
-
-
-def validate_generation(cfg: DictConfig, world_size: int) -> ModelConfig:
-    """The checks of conf/generate.yaml (launch/generate.py, launch/evaluate.py): model, layout and precision
-    as for training, then mode, input, batch_size, generate.* and eval.* (framework/inference/options.py)."""
-    from framework.inference.options import generation_problems
-
-    model = model_config(cfg)
-    problems = model_problems(cfg, model, world_size) + generation_problems(cfg, model)  # T5: no PP, no fp8
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return model

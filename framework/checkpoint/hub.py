@@ -209,3 +209,14 @@ def model_config_for(node) -> ModelConfig:
         if bad:
             raise ConfigError(f"model.arch does not match {described_by}:\n  " + "\n  ".join(bad))
     return found
+
+
+def text_encoder(peft_cfg):
+    """``text -> token ids`` with the tokenizer named by ``peft_cfg.text_tokenizer`` (a model node: source,
+    path, tokenizer), for PEFT methods initialised from text; None when the method names none."""
+    node = peft_cfg.get("text_tokenizer") if hasattr(peft_cfg, "get") else None
+    if node is None:
+        return None
+    from framework.data.tokenizer import Tokenizer
+
+    return lambda text: Tokenizer.from_dir(tokenizer_dir(node)).encode(text)
