@@ -160,7 +160,7 @@ def _load_tp1(a, ckpt: str) -> dict:
 
 
 def _reshard(a, work: Path) -> dict:
-    from framework.runtime.spawn import run_distributed
+    from launch.spawn import run_distributed
 
     ckpt = str(work / "tp2")
     saved = run_distributed(_save_tp2, 2, a, ckpt, timeout=1800)
@@ -191,7 +191,7 @@ def table(res: dict, a) -> str:
 def main(argv=None):
     a = parse_args(argv)
     from framework.runtime.logs import setup_logging
-    from framework.runtime.spawn import run_distributed
+    from launch.spawn import run_distributed
 
     setup_logging("WARNING")
     with tempfile.TemporaryDirectory(dir=a.dir, prefix="ckpt-io-") as d:

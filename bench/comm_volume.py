@@ -3,7 +3,7 @@
     python bench/comm_volume.py                         # every layout below, hidden 256, 4 layers, seq 128
     python bench/comm_volume.py --layouts tp2-lora dp2-full --calls   # a few, with every collective listed
 
-Each layout runs in spawned gloo ranks (framework/runtime/spawn.py; the layouts of one world size share a
+Each layout runs in spawned gloo ranks (launch/spawn.py; the layouts of one world size share a
 spawn), trains one step uncounted, then one step with every torch.distributed collective and
 point-to-point send wrapped (``CollectiveCounter``: all_reduce, all_gather_into_tensor,
 reduce_scatter_tensor, their list and ``_base`` forms, broadcast, all_to_all_single, send/isend --
@@ -108,7 +108,7 @@ class CollectiveCounter:
     ALIAS_MODULES = ("megatron.core.tensor_parallel.mappings", "megatron.core.tensor_parallel.layers",
                      "megatron.core.distributed.param_and_grad_buffer")
     PHASES = (("finalize_model_grads", "grad sync"), ("get_grad_norm_fp32", "optimizer"),
-              ("_global_ratio", "loss"))
+              ("global_ratio", "loss"))
 
     def __init__(self):
         self.calls: list[tuple[str, str, int, int]] = []
@@ -296,7 +296,7 @@ def _worker(layouts: list[Layout], shape: Shape) -> list[dict]:
 def measure(layouts: list[Layout], shape: Shape, timeout: float = 900) -> dict[str, list[dict]]:
     """layout name -> one record per rank (calls, pipeline stage, trainable numel), from spawned ranks; the
     layouts of one world size share one spawn."""
-    from framework.runtime.spawn import run_distributed
+    from launch.spawn import run_distributed
 
     by_world = defaultdict(list)
     for layout in layouts:

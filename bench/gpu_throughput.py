@@ -247,7 +247,7 @@ def main(argv=None):
     import torch
 
     from framework.runtime.logs import setup_logging
-    from framework.runtime.spawn import run_distributed
+    from launch.spawn import run_distributed
 
     setup_logging("WARNING")
     peak = bf16_peak_tflops(a.peak_size)

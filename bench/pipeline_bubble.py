@@ -3,7 +3,7 @@
     python bench/pipeline_bubble.py                          # PP=2 and PP=4, m = 4 and 8, model and sleep
     python bench/pipeline_bubble.py --pp 2 --micro-batches 8 16 --compute model
 
-Each stage runs in a spawned gloo rank (framework/runtime/spawn.py) and trains with megatron's own
+Each stage runs in a spawned gloo rank (launch/spawn.py) and trains with megatron's own
 pipeline schedule (``get_forward_backward_func``: ``forward_backward_pipelining_without_interleaving``,
 or ``..._with_interleaving`` for ``--virtual`` v > 1). The schedule's ``forward_step`` and
 ``backward_step`` are wrapped with timestamps (CLOCK_MONOTONIC, the same clock in every process), so
@@ -121,7 +121,7 @@ def _stage(pp: int, runs: list[tuple[str, int, int]], steps: int, sleep_ms: floa
     from framework.runtime import initialize
     from framework.runtime.distributed import seed_everything
     from framework.training.optim import wrap_ddp
-    from framework.training.step import _forward_step_fn
+    from framework.training.step import forward_step_fn as _forward_step_fn
 
     initialize(tp=1, pp=pp, seed=0)
     out = []
@@ -166,7 +166,7 @@ def _stage(pp: int, runs: list[tuple[str, int, int]], steps: int, sleep_ms: floa
 
 def measure(pp: int, runs: list[tuple[str, int, int]], steps: int, sleep_ms: float, timeout: float = 900):
     """[(compute, m, v, [idle fraction of stage 0..p-1], mean forward s, mean backward s)] per run."""
-    from framework.runtime.spawn import run_distributed
+    from launch.spawn import run_distributed
 
     per_rank = run_distributed(_stage, pp, pp, runs, steps, sleep_ms, timeout=timeout)
     results = []

@@ -105,7 +105,7 @@ def convert(ckpt_dir, out_dir, dtype=None, max_shard_size="5GB", tokenizer=None,
         else:
             import importlib
 
-            from framework.runtime.spawn import run_distributed
+            from launch.spawn import run_distributed
 
             worker = importlib.import_module("converters.ckpt_to_hf")._worker
             r = run_distributed(worker, tp * pp, *args, timeout=24 * 3600)[0]

@@ -195,7 +195,7 @@ def _run(hf_dir, out_dir, tp, pp, tok, dtype, progress) -> None:
     else:
         import importlib
 
-        from framework.runtime.spawn import run_distributed
+        from launch.spawn import run_distributed
 
         worker = importlib.import_module("converters.hf_to_ckpt")._worker  # picklable by module name
         run_distributed(worker, tp * pp, *args, timeout=24 * 3600)

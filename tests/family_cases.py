@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 
 TOL = 1e-4
 SEQ = 16

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 
 RANK, ALPHA = 4, 8.0
 TOL = 1e-4  # relative to the largest reference value

@@ -5,7 +5,7 @@ import multiprocessing as mp
 import os
 import time
 
-from framework.runtime.spawn import end_group
+from launch.spawn import end_group
 
 
 def capture_messages(logger_name: str, level: int | None = None) -> list[str]:

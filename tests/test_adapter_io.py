@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 
 CFG = dict(vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
            ffn_hidden_size=128)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.job_process import capture_messages, kill_when_blocked
 from tests.test_finetune_job import ROOT
 from tests.test_resume import (DROPOUT, STEPS, assert_same_adapter, checkpoint_steps, job_cfg, pointer, run_job,

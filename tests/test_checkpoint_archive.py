@@ -10,7 +10,7 @@ import tarfile
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.family_cases import read_tensors
 from tests.hf_models import save_tiny_job_llama
 from tests.test_finetune_job import _run_job, tiny_job

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.hf_models import hf_logits, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent

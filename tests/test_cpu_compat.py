@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 
 
 def _probe():

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.hf_models import fill_trainable, save_tiny_job_llama, tiny_llama
 from tests.test_dpo import (ROOT, SHAPE, VARIANTS, _assert_metrics, _build, _examples, _pairs, _run_job, tiny_dpo,
                             trl_dpo)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.hf_models import save_tiny_job_llama
 from tests.test_dpo import ROOT, tiny_dpo
 from tests.test_resume import assert_same_adapter, checkpoint_steps, pointer

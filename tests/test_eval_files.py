@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.hf_models import save_tiny_job_llama
 from tests.test_finetune_job import tiny_job
 

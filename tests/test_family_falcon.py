@@ -106,7 +106,7 @@ def _falcon_job(hf_dir, tokenizer_dir, out, *overrides):
 def test_falcon_job_tp2_sp_matches_single_process(tiny_tokenizer_dir, tmp_path):
     """The training job on a Falcon-40B style model (parallel block, ln_attn/ln_mlp, GQA, biases): TP=2 with
     sequence parallelism gives the single process's losses."""
-    from framework.runtime.spawn import run_distributed
+    from launch.spawn import run_distributed
     from tests.test_finetune_job import _run_job
 
     hf_dir = tmp_path / "hf"

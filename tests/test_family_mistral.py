@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.family_cases import SEQ, TOL, check_parity, check_roundtrip, logits_of, randomized, save_cases
 
 WINDOW = 5  # < SEQ, so the window changes the logits

@@ -82,7 +82,7 @@ def _parity_worker(tp: int, sp: bool, cases):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True)], ids=["tp1", "tp2", "tp2-sp"])
 def test_t5_logits_match_transformers(cases, tp, sp):
-    from framework.runtime.spawn import run_distributed
+    from launch.spawn import run_distributed
 
     results = run_distributed(_parity_worker, tp, tp, sp, cases, timeout=250)
     for rank, diffs in enumerate(results):
@@ -109,7 +109,7 @@ def _export_worker(jobs):
 def test_t5_roundtrip_is_bitwise(cases, tmp_path):
     from transformers import AutoModelForSeq2SeqLM
 
-    from framework.runtime.spawn import run_distributed
+    from launch.spawn import run_distributed
     from tests.family_cases import check_roundtrip
 
     check_roundtrip(cases, tmp_path, auto_class=AutoModelForSeq2SeqLM, logits=_hf_logits)

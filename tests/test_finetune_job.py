@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.hf_models import save_tiny_job_llama
 from tests.real_model import require_smollm2
 

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 
 ARCH = dict(vocab_size=256, hidden_size=64, num_layers=3, num_attention_heads=4, num_query_groups=2,
             ffn_hidden_size=128, max_position_embeddings=256)

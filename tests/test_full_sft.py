@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.hf_models import save_tiny_job_llama
 from tests.portable import to_numpy, to_torch
 from tests.test_finetune_job import _evaluate_adapter, _run_job, compose

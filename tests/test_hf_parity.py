@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from framework.models.families import llama as hf_llama
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.hf_models import hf_logits, tiny_llama
 from tests.real_model import require_smollm2
 

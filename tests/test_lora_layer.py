@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import pytest
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 
 S, B, H, O, R = 8, 2, 32, 48, 6
 ALPHA = 12.0

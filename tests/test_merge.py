@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.hf_models import tiny_llama
 from tests.test_peft_methods import fill_adapter
 

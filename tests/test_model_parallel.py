@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.hf_models import fill_trainable
 
 ARCH = dict(vocab_size=256, hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2,

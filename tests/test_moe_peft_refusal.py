@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 
 #: method -> (an override putting an MLP target in peft.targets, the suggested attention-only list)
 MLP_CASES = {

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 
 ARCH = dict(vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2,
             ffn_hidden_size=64, max_position_embeddings=64)

@@ -8,7 +8,7 @@ import torch
 
 from framework.data.packing import collate_packed, pack, packing_efficiency
 from framework.data.sample import Sample
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.hf_models import fill_trainable, save_tiny_job_llama
 
 LORA = dict(rank=4, alpha=8.0, dropout=0.0, targets=["qkv", "proj", "fc1", "fc2"])

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, L, N, G, D, F, V = 4096, 32, 32, 8, 128, 14336, 128256

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.family_cases import tokens_for
 
 TOL = 1e-4

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.hf_models import hf_logits, save_tiny_job_llama, tiny_llama
 from tests.test_finetune_job import _run_job, tiny_job
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.hf_models import tiny_llama
 
 SEQ, BATCH, RANK = 12, 2, 4

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from framework.models.config import ModelConfig
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.test_finetune_job import ROOT, compose
 
 TINY = {

@@ -24,7 +24,7 @@ import os
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.hf_models import tiny_llama
 from tests.portable import to_numpy, to_torch
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from framework.peft.nf4 import NF4Weight, nf4_bytes, nf4_code
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.hf_models import fill_trainable, tiny_llama
 from tests.portable import to_numpy, to_torch
 

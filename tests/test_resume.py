@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.job_process import capture_messages, kill_when_blocked
 from tests.test_finetune_job import ROOT, compose
 

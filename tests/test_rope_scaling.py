@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.family_cases import TOL, check_parity, check_roundtrip, logits_of, randomized, tokens_for
 
 SEQ = 48  # > ORIGINAL: the scaled low frequencies matter

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.hf_models import tiny_llama
 
 

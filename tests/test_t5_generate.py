@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from framework.models.config import ModelConfig
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.test_generate import _cli_env, compose as compose_generate, squad_by_hand
 from tests.test_t5_job import BASE, EOS, PAD, ROOT, TOKENIZER_PAD, VARIANTS, _hf_t5, _write_jsonl, compose
 

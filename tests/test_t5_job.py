@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from framework.models.config import ModelConfig
-from framework.runtime.spawn import run_distributed
+from launch.spawn import run_distributed
 from tests.family_cases import randomized, read_tensors
 from tests.test_finetune_job import ROOT, compose
 

@@ -1,6 +1,7 @@
 """Run a function in N local processes under torch.distributed, as torchrun would, and collect results.
 
-Used by tests and benchmarks to check every parallel layout on one machine. Each child gets torchrun's
+Used by tests and benchmarks to check every parallel layout on one machine, and by the converters to run a
+conversion at TP x PP ranks without torchrun; it is an entry-point tool, not part of the library. Each child gets torchrun's
 environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) on a free port, calls
 ``fn(*args, **kwargs)`` and sends back its return value (which must pickle) or its traceback. The
 parent raises if any rank fails or the whole run exceeds ``timeout`` seconds; no child outlives it.
