@@ -80,7 +80,7 @@ def prepare(cfg: DictConfig, world_size: int):
     from framework.inference.options import generation_config
     from framework.inference.requests import read_requests
     from framework.checkpoint import hub
-    from framework.training.t5_step import T5_METHODS
+    from framework.models.t5_support import T5_METHODS
 
     model_cfg = validate_generation(cfg, world_size)
     if cfg.model.source != "random":
@@ -245,7 +245,7 @@ def _write_eval(cfg, requests, results, output, report_path, seconds, rt) -> dic
 
 
 def _table(summary: dict, rows: list[tuple[str, str]]) -> str:
-    from framework.training.summary import table
+    from framework.runtime.text_table import table
 
     head = [("samples", str(summary["samples"])), ("model", summary["model"] + (
         f" + {summary['adapter']}" if summary["adapter"] else "")), ("layout", summary["layout"]),

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from framework.checkpoint.model_loading import build_pretrained
+from framework.checkpoint.trained import load_trained
 from framework.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -64,16 +66,14 @@ def _base_name_differs(path: Path, cfg) -> str | None:
 
 def load_model(cfg: DictConfig, model_cfg, rt, adapter: str | None = None):
     """This rank's stage of the base model with ``adapter`` (a trained directory, or None) loaded, in eval mode."""
-    from framework.checkpoint.trained import load_trained
     from framework.peft.registry import get_method
-    from framework.training.finetune import build_model
 
     peft = trained_peft_config(adapter) if adapter else {"method": "none"}
     get_method(peft["method"])  # an unknown method is a ConfigError naming it
     job = copy.deepcopy(cfg)
     with open_dict(job):
         job.peft = OmegaConf.create(peft)
-    model = build_model(job, model_cfg, rt)
+    model = build_pretrained(job, model_cfg, rt)
     if adapter:
         other = _base_name_differs(Path(adapter), cfg)
         if other:

@@ -13,7 +13,7 @@ ignored); the last stage's per-sample sums are broadcast over the pipeline, so e
 
 Encoder-decoder models (T5): a sample is framework/data/seq2seq.py's (encoder input = prompt + EOS, targets
 = completion + EOS); it is batched by ``collate_seq2seq`` (decoder start = ``pad_id``, T5's) and its
-per-token loss comes from framework/training/t5_step.py ``seq2seq_loss``, as the job's validation loss does.
+per-token loss comes from framework/models/loss.py ``model_loss``, as the job's validation loss does.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ import math
 import torch
 
 from framework.data.sample import Sample
+from framework.models.loss import model_loss
 
 
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
-    from framework.training.step import model_loss
-
     per_token = model_loss(model, batch)
     mask = batch["loss_mask"]
 

@@ -16,6 +16,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from framework.models.loss import model_loss
+
 
 @dataclasses.dataclass
 class StepResult:
@@ -32,18 +34,9 @@ def _autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def model_loss(model, batch: dict) -> torch.Tensor:
-    """Per-token loss [b, s] of one micro-batch (this stage's output tensor under PP)."""
-    if "encoder_tokens" in batch:  # an encoder-decoder (T5) batch: framework/training/t5_step.py
-        from framework.training.t5_step import seq2seq_loss
-
-        return seq2seq_loss(model, batch)
-    # attention_mask: only packed batches carry one (block-diagonal causal, True = masked out); without it
-    # the core attention is plain causal.
-    return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
-
-
-def _forward_step_fn(precision: str, device: torch.device):
+def forward_step_fn(precision: str, device: torch.device):
+    """megatron's forward step for a micro-batch on ``device``: the per-token loss, and a loss function
+    giving (sum of its target-token losses, number of target tokens, both for :func:`global_ratio`)."""
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -61,7 +54,7 @@ def _forward_step_fn(precision: str, device: torch.device):
     return forward_step
 
 
-def _global_ratio(reduced: list[dict], device) -> tuple[float, int]:
+def global_ratio(reduced: list[dict], device) -> tuple[float, int]:
     """Sum (loss, tokens) over micro-batches here and over all ranks; TP copies cancel in the ratio."""
     t = torch.zeros(2, dtype=torch.float64, device=device)
     for r in reduced:
@@ -86,7 +79,7 @@ def forward_backward(model, micro_batches: list[dict], precision: str = "fp32") 
     seq_length, mbs = micro_batches[0]["tokens"].shape[1], micro_batches[0]["tokens"].shape[0]
     model.zero_grad_buffer()
     reduced = get_forward_backward_func()(
-        forward_step_func=_forward_step_fn(precision, device),
+        forward_step_func=forward_step_fn(precision, device),
         data_iterator=iter(micro_batches),
         model=[model],
         num_microbatches=len(micro_batches),
@@ -94,7 +87,7 @@ def forward_backward(model, micro_batches: list[dict], precision: str = "fp32") 
         micro_batch_size=mbs,
         forward_only=False,
     )
-    return _global_ratio(reduced, device)
+    return global_ratio(reduced, device)
 
 
 def train_step(model, optimizer, scheduler, micro_batches: list[dict], precision: str = "fp32") -> StepResult:
@@ -122,7 +115,7 @@ def evaluate(model, micro_batches: Iterable[dict], precision: str = "fp32") -> f
     reduced = []
     for mb in micro_batches:  # one at a time: validation batches may differ in length
         reduced += get_forward_backward_func()(
-            forward_step_func=_forward_step_fn(precision, device),
+            forward_step_func=forward_step_fn(precision, device),
             data_iterator=iter([mb]),
             model=[model],
             num_microbatches=1,
@@ -131,4 +124,4 @@ def evaluate(model, micro_batches: Iterable[dict], precision: str = "fp32") -> f
             forward_only=True,
         )
     model.train(was_training)
-    return _global_ratio(reduced, device)[0]
+    return global_ratio(reduced, device)[0]

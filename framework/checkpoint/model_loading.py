@@ -1,0 +1,34 @@
+"""A job's model: this rank's stage built at the run's layout, its pretrained weights loaded, PEFT applied.
+
+The weights come from ``model.source`` (framework/checkpoint/hub.py): our checkpoint format (``ckpt``,
+resharded to this layout by megatron dist_checkpointing), a Hugging Face directory (``hf``, ``smollm2``),
+or none (``random``: the family's initialisation). Training, DPO's frozen reference, generation and
+evaluation all build their model here, so a model loads the same way in every job.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from framework.checkpoint import hub
+from framework.checkpoint.ckpt_format import load_checkpoint_into
+from framework.checkpoint.hf_import import load_hf_into_gpt
+from framework.models.precision import transformer_settings
+from framework.models.precision import transformer_settings
+from framework.models.registry import get_family
+from framework.peft.registry import apply_peft
+
+
+def build_pretrained(cfg, model_cfg, rt):
+    """This rank's stage of the model with pretrained weights (or random for source=random), PEFT applied
+    (``cfg.peft``), on ``rt``'s layout; bf16 parameters on a GPU for precision bf16/fp8, else fp32."""
+    on_gpu = rt.device.type == "cuda"
+    dtype = torch.bfloat16 if cfg.precision in ("bf16", "fp8") and on_gpu else torch.float32
+    model = get_family(model_cfg.family).build(model_cfg, rt.tp, rt.pp, rt.sp, params_dtype=dtype,
+                                               **transformer_settings(cfg))
+    if cfg.model.source == "ckpt":  # our format: dist_checkpointing reshards to this layout
+        load_checkpoint_into(model, hub.model_dir(cfg.model), model_cfg)
+    elif cfg.model.source != "random":
+        load_hf_into_gpt(model, hub.model_dir(cfg.model), model_cfg)
+    apply_peft(model, cfg.peft, model_cfg, encode_text=hub.text_encoder(cfg.peft))
+    return model
