@@ -15,7 +15,8 @@ Examples:
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -23,13 +24,17 @@ from omegaconf import DictConfig  # noqa: E402
 from launch.generate import run_job  # noqa: E402
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path=os.path.join(ROOT, "conf"), config_name="generate")
 def _main(cfg: DictConfig) -> None:
     run_job(cfg)
 
 
-if __name__ == "__main__":
+def main():
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
         print(__doc__)
     sys.argv.insert(1, "mode=eval")
     _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -43,7 +43,8 @@ Keys:
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -61,7 +62,7 @@ def run_job(cfg: DictConfig) -> None:
         run(cfg)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path=os.path.join(ROOT, "conf"), config_name="generate")
 def _main(cfg: DictConfig) -> None:
     run_job(cfg)
 
