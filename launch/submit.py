@@ -1,18 +1,31 @@
-"""Submit a fine-tuning job to Slurm: python launch/submit.py [OPTIONS] [HYDRA OVERRIDES ...]
+"""Submit a job to Slurm: mft submit [COMMAND] [OPTIONS] [ARGS ...]   (= python launch/submit.py ...)
 
-Renders slurm/one_node.sbatch (or slurm/multi_node.sbatch when --nodes > 1) with the options below, saves
-the script in the run's directory as slurm-job.sbatch (the job's log goes beside it as slurm-JOBID.out) and
+COMMAND is the mft command the job runs (default finetune): finetune, dpo, generate, evaluate, prepare-data,
+merge, plan, params, or convert hf-to-ckpt|ckpt-to-hf|adapter-to-hf|adapter-from-hf. Renders
+slurm/one_node.sbatch (or slurm/multi_node.sbatch when --nodes > 1) with the options below, saves the
+script in the run's directory as slurm-job.sbatch (the job's log goes beside it as slurm-JOBID.out) and
 submits it with sbatch. In the job, srun starts one rank per GPU (CPU: --tasks-per-node ranks), and each
-runs launch/finetune.py with the Hydra overrides given here. Examples:
+runs the command's entry point (launch/finetune.py, launch/dpo.py, ...; converters/*.py) with the ARGS
+given here: the Hydra overrides of the jobs (checked to compose before anything is submitted), or the
+tool's own arguments. The run's directory is the job's output_dir (finetune, dpo, prepare-data) or
+--output-dir (required for the others). The tools (prepare-data, plan, params, convert) run as one task;
+the converters start their own ranks with their --tp/--pp.
 
-  python launch/submit.py --gpus-per-node 8 --partition gpu --time 04:00:00 parallel.tensor=8
-  python launch/submit.py --nodes 4 --gpus-per-node 8 model=llama3_70b parallel.tensor=8 parallel.pipeline=4
-  python launch/submit.py --tasks-per-node 2 --dry-run trainer.max_steps=10    # CPU, print the script only
+Options of submit come before or after COMMAND; every other argument goes to the command, in order. An
+option the command shares with submit (e.g. plan's --gpus-per-node) goes after `--`. Examples:
+
+  mft submit --gpus-per-node 8 --partition gpu --time 04:00:00 parallel.tensor=8
+  mft submit dpo --nodes 4 --gpus-per-node 8 model=llama3_70b parallel.tensor=8 parallel.pipeline=4
+  mft submit evaluate --gpus-per-node 2 --output-dir runs/eval input=qa.jsonl parallel.tensor=2
+  mft submit merge --gpus-per-node 8 --output-dir runs/NAME/merge runs/NAME --to hf --out merged --tp 8
+  mft submit convert hf-to-ckpt --output-dir logs/convert /models/llama3-8b ckpt/llama3-8b
+  mft submit --tasks-per-node 2 --dry-run trainer.max_steps=10    # CPU, print the script only
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shlex
@@ -32,13 +45,39 @@ class SubmitError(Exception):
     """A choice that cannot make a job; the message names the option and what would work."""
 
 
-def parse_args(argv):
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """What one mft command runs in the job."""
+    script: str                # run by every task, relative to the repository root (the job's working dir)
+    config: str | None = None  # conf/CONFIG.yaml that its Hydra overrides compose; None: its own arguments
+    fixed: tuple = ()          # overrides it always adds (evaluate: mode=eval), for the composition check
+    run_dir: bool = False      # the config's output_dir is the run's directory (else --output-dir is)
+    ranks: bool = True         # runs as several ranks (srun tasks); False: one task
+
+
+ENTRIES = {
+    "finetune": Entry("launch/finetune.py", "finetune", run_dir=True),
+    "dpo": Entry("launch/dpo.py", "dpo", run_dir=True),
+    "generate": Entry("launch/generate.py", "generate"),
+    "evaluate": Entry("launch/evaluate.py", "generate", fixed=("mode=eval",)),
+    "prepare-data": Entry("launch/prepare_data.py", "finetune", run_dir=True, ranks=False),
+    "merge": Entry("launch/merge.py"),
+    "plan": Entry("launch/plan.py", ranks=False),
+    "params": Entry("launch/param_count.py", ranks=False),
+    "convert hf-to-ckpt": Entry("converters/hf_to_ckpt.py", ranks=False),
+    "convert ckpt-to-hf": Entry("converters/ckpt_to_hf.py", ranks=False),
+    "convert adapter-to-hf": Entry("converters/adapter_to_hf.py", ranks=False),
+    "convert adapter-from-hf": Entry("converters/adapter_from_hf.py", ranks=False),
+}
+DEFAULT_COMMAND = "finetune"
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="launch/submit.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="mft submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
         epilog="Relative paths (--output-dir, output_dir=, data.train=...) are relative to the repository "
-               "root, where the job runs, exactly as for launch/finetune.py.")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="Hydra overrides passed to launch/finetune.py in every rank, e.g. parallel.tensor=8")
+               "root, where the job runs, exactly as for the command run directly.")
     p.add_argument("--nodes", type=int, default=1,
                    help="machines to run on (default 1); more than 1 uses slurm/multi_node.sbatch")
     p.add_argument("--gpus-per-node", type=int, default=0,
@@ -51,10 +90,11 @@ def parse_args(argv):
     p.add_argument("--time", default="", help="wall-clock limit, e.g. 04:00:00 or 2-00:00:00 "
                                               "(default: the partition's)")
     p.add_argument("--account", default="", help="account charged for the job (default: none asked for)")
-    p.add_argument("--job-name", default="finetune", help="job name shown by squeue (default finetune)")
+    p.add_argument("--job-name", default=None, help="job name shown by squeue (default: the command, e.g. dpo)")
     p.add_argument("--output-dir", default=None,
-                   help="the run's directory: checkpoints, summary, this job script and its log "
-                        "(default: the config's output_dir, e.g. runs/smollm2-135m-instruct-lora)")
+                   help="the run's directory: this job script and its log, and for finetune/dpo the run itself "
+                        "(default there: the config's output_dir, e.g. runs/smollm2-135m-instruct-lora; "
+                        "required for the other commands)")
     p.add_argument("--python", default=sys.executable,
                    help="Python the ranks run on the compute nodes (default: this one, %(default)s)")
     p.add_argument("--template", type=Path, default=None,
@@ -64,7 +104,41 @@ def parse_args(argv):
                    help="print the rendered script and submit nothing (no sbatch needed, nothing written)")
     p.add_argument("--wait", action="store_true",
                    help="wait for the job to end and exit with its exit status (sbatch --wait)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    """argparse.Namespace of submit's options, plus ``command`` (a key of ENTRIES) and ``overrides`` (every
+    other argument, in the order given: the command's own)."""
+    parser = build_parser()
+    takes_value = {o: a.nargs != 0 for a in parser._actions for o in a.option_strings}
+    mine, theirs, rest = [], [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":  # everything after it is the command's
+            theirs += rest
+            break
+        name = arg.split("=", 1)[0]
+        if name in takes_value:
+            mine.append(arg)
+            if takes_value[name] and "=" not in arg and rest:
+                mine.append(rest.pop(0))
+        else:
+            theirs.append(arg)
+    args = parser.parse_args(mine)
+    args.command = DEFAULT_COMMAND
+    if theirs and theirs[0] == "convert":
+        which = f"convert {theirs[1]}" if len(theirs) > 1 else "convert"
+        if which not in ENTRIES:
+            converters = [c.split()[1] for c in ENTRIES if c.startswith("convert ")]
+            parser.error(f"{which!r}: give one of convert {'|'.join(converters)}")
+        args.command, theirs = which, theirs[2:]
+    elif theirs and theirs[0] in ENTRIES:
+        args.command, theirs = theirs[0], theirs[1:]
+    args.overrides = theirs
+    if args.job_name is None:
+        args.job_name = args.command.replace(" ", "-")
+    return args
 
 
 def tasks_per_node(args) -> int:
@@ -72,6 +146,12 @@ def tasks_per_node(args) -> int:
         raise SubmitError(f"--nodes={args.nodes}: need at least 1")
     if args.gpus_per_node < 0:
         raise SubmitError(f"--gpus-per-node={args.gpus_per_node}: need 0 (CPU) or more")
+    if not ENTRIES[args.command].ranks:  # a tool: one process, which may start its own ranks (--tp)
+        if args.nodes > 1 or (args.tasks_per_node or 1) > 1:
+            given = f"--nodes={args.nodes}" if args.nodes > 1 else f"--tasks-per-node={args.tasks_per_node}"
+            raise SubmitError(f"{given}: {args.command} runs as one task (--nodes 1, --tasks-per-node 1); "
+                              f"its own options start any ranks it needs")
+        return 1
     if args.gpus_per_node == 0:
         tasks = 1 if args.tasks_per_node is None else args.tasks_per_node
     else:
@@ -93,13 +173,22 @@ def resolve_output_dir(args) -> Path:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    try:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="finetune", overrides=args.overrides)
-        out = args.output_dir or OmegaConf.select(cfg, "output_dir")
-    except (HydraException, OmegaConfBaseException) as e:
-        raise SubmitError(f"the Hydra overrides {args.overrides} do not compose: {e}") from None
-    if args.output_dir and any(o.split("=", 1)[0].lstrip("+~") == "output_dir" for o in args.overrides):
+    entry = ENTRIES[args.command]
+    out = args.output_dir
+    if entry.config is not None:
+        try:
+            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+                cfg = compose(config_name=entry.config, overrides=[*entry.fixed, *args.overrides])
+            if entry.run_dir:
+                out = out or OmegaConf.select(cfg, "output_dir")
+        except (HydraException, OmegaConfBaseException) as e:
+            raise SubmitError(f"the Hydra overrides {args.overrides} do not compose conf/{entry.config}.yaml "
+                              f"({args.command}): {e}") from None
+    if not out:
+        raise SubmitError(f"--output-dir is needed for {args.command}: the directory for the job script and "
+                          f"its log (only finetune, dpo and prepare-data have a run directory of their own)")
+    if entry.run_dir and args.output_dir and any(o.split("=", 1)[0].lstrip("+~") == "output_dir"
+                                                 for o in args.overrides):
         raise SubmitError("both --output-dir and the override output_dir= were given; keep one")
     return ROOT / out if not os.path.isabs(out) else Path(out)
 
@@ -113,8 +202,12 @@ def fields(args, out: Path) -> dict[str, str]:
             raise SubmitError(f"--{name.replace('_', '-')}={value!r}: no spaces allowed in an #SBATCH value")
     if re.search(r"\s", str(out)):
         raise SubmitError(f"output directory {str(out)!r}: Slurm's --output cannot take a path with spaces")
-    overrides = [o for o in args.overrides if o.split("=", 1)[0] != "output_dir"] + [f"output_dir={out}"]
+    overrides = list(args.overrides)
+    if ENTRIES[args.command].run_dir:
+        overrides = [o for o in overrides if o.split("=", 1)[0] != "output_dir"] + [f"output_dir={out}"]
     return sbatch_values | {
+        "command": args.command,
+        "entry": shlex.quote(ENTRIES[args.command].script),
         "nodes": str(args.nodes),
         "tasks_per_node": str(tasks_per_node(args)),
         "gpus_per_node": str(args.gpus_per_node) if args.gpus_per_node else "",
@@ -175,6 +268,9 @@ def main(argv=None) -> int:
         template = args.template or TEMPLATES["one" if args.nodes == 1 else "many"]
         if not template.is_file():
             raise SubmitError(f"--template {template}: no such file")
+        if args.command != DEFAULT_COMMAND and "{{entry}}" not in template.read_text():
+            raise SubmitError(f"--template {template} has no {{{{entry}}}} field, so its job cannot run "
+                              f"{args.command}; put {{{{entry}}}} where it runs launch/finetune.py")
         out = resolve_output_dir(args)
         script = render(template.read_text(), fields(args, out), name=str(template))
         if args.dry_run:
