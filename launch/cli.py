@@ -121,11 +121,8 @@ def run(command: Command, args: list[str]) -> int:
         from converters import run_cli
 
         rc = run_cli(module.main, args)
-    else:
-        from launch.errors import exit_on_user_error
-
-        with exit_on_user_error():
-            rc = module.main(args)
+    else:  # each turns the errors a user can fix into one line itself
+        rc = module.main(args)
     return rc if isinstance(rc, int) else 0
 
 

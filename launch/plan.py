@@ -32,13 +32,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
+    a = build_parser().parse_args(argv)  # --help before the imports below
+    from launch.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        _plan(a)
+
+
+def _plan(a) -> None:
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     from framework.planner.memory import GiB, job_from_config, plan, table
+    from framework.runtime.errors import ConfigError
 
-    a = build_parser().parse_args(argv)
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
-        cfg = compose(config_name="finetune", overrides=a.overrides)
+    try:
+        with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+            cfg = compose(config_name="finetune", overrides=a.overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"the overrides {a.overrides} do not compose conf/finetune.yaml: "
+                          f"{str(e).splitlines()[0]}") from None
     job = job_from_config(cfg, a.seq)
     rows = plan(job, a.gpus, a.gpu_memory, a.gpus_per_node)
     m = job.model
@@ -56,7 +70,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from launch.errors import exit_on_user_error
-
-    with exit_on_user_error():
-        main()
+    main()
