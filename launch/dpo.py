@@ -1,4 +1,5 @@
-"""Preference-tune a model (DPO): python launch/dpo.py [KEY=VALUE ...]   (same under torchrun and srun)
+"""Preference-tune a model (DPO): mft dpo [KEY=VALUE ...]   (= python launch/dpo.py ...; the same under
+torchrun and srun, which run this file)
 
 Examples:
   python launch/dpo.py                                          # LoRA DPO of SmolLM2-135M on arithmetic pairs

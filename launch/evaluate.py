@@ -1,9 +1,9 @@
-"""Evaluate against references: python launch/evaluate.py input=FILE [KEY=VALUE ...]
+"""Evaluate against references: mft evaluate input=FILE [KEY=VALUE ...]   (= python launch/evaluate.py ...)
 
 The same as ``python launch/generate.py mode=eval ...``: the loss and perplexity of each record's reference
 (teacher forced, completion tokens only, as validation) and exact match / token F1 of the completion
 generated from its prompt (SQuAD normalisation). Writes per-record results (output) and a JSON report
-(report), and prints a table. ``python launch/generate.py --help`` lists every key. A T5 (encoder-decoder)
+(report), and prints a table. ``mft generate --help`` lists every key. A T5 (encoder-decoder)
 scores its seq2seq samples (encoder input = prompt + EOS, targets = completion + EOS), as its training does.
 
 Examples:

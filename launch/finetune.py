@@ -1,4 +1,5 @@
-"""Fine-tune a model: python launch/finetune.py [KEY=VALUE ...]   (same under torchrun and srun)
+"""Fine-tune a model: mft finetune [KEY=VALUE ...]   (= python launch/finetune.py ...; the same under torchrun
+and srun, which run this file)
 
 Examples:
   python launch/finetune.py                                    # LoRA on SmolLM2-135M, HumanEval, CPU
@@ -23,8 +24,8 @@ Groups and keys (every file in conf/ is commented; `--cfg job` prints the resolv
         distributed_optimizer, save_interval, keep_last, resume=auto|never|PATH, early_stopping.patience,
         early_stopping.min_delta, tensorboard, wandb.project
   seed, output_dir, adapter_name, generate.max_new_tokens, generate.sample
-Related: launch/plan.py (memory per layout), launch/param_count.py, launch/generate.py, launch/evaluate.py,
-launch/dpo.py, launch/submit.py (Slurm), launch/prepare_data.py.
+Related (mft --help lists them): mft plan (memory per layout), mft params, mft generate, mft evaluate,
+mft dpo, mft merge (adapter into the base), mft submit (Slurm), mft prepare-data.
 """
 
 import os

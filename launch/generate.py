@@ -1,8 +1,8 @@
-"""Generate completions (or evaluate against references): python launch/generate.py input=FILE [KEY=VALUE ...]
+"""Generate completions (or evaluate against references): mft generate input=FILE [KEY=VALUE ...]
 
-Same under torchrun and srun: every rank runs the loop; TP/PP split the model, data parallel ranks
-(world / (TP x PP)) share the prompts. Configuration: conf/generate.yaml (groups model/ and parallel/ as
-for launch/finetune.py).
+The same as python launch/generate.py input=FILE ..., and under torchrun and srun (which run that file): every
+rank runs the loop; TP/PP split the model, data parallel ranks (world / (TP x PP)) share the prompts.
+Configuration: conf/generate.yaml (groups model/ and parallel/ as for launch/finetune.py).
 
 Examples:
   python launch/generate.py input=prompts.jsonl output=completions.jsonl

@@ -1,4 +1,5 @@
-"""Print trainable-parameter counts per PEFT method for a model config, without allocating the model.
+"""Print trainable-parameter counts per PEFT method for a model config, without allocating the model:
+mft params [KEY=VALUE ...]   (= python launch/param_count.py ...)
 
   python launch/param_count.py model=llama3_8b                   # every method in conf/peft/, defaults
   python launch/param_count.py model=llama3_8b peft=lora peft.rank=16 peft.targets=[qkv,fc1]

@@ -1,4 +1,5 @@
-"""Estimate per-GPU memory of a fine-tuning configuration at every TP x PP x DP layout and recommend one.
+"""Estimate per-GPU memory of a fine-tuning configuration at every TP x PP x DP layout and recommend one:
+mft plan [KEY=VALUE ...] [--gpus N] ...   (= python launch/plan.py ...)
 
     python launch/plan.py model=llama2_70b peft=lora precision=bf16 --gpus 8
     python launch/plan.py model=llama3_8b peft=none data.max_length=4096 --gpus 16 --gpu-memory 80 --all

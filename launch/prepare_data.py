@@ -1,11 +1,12 @@
-"""Check and tokenise the data of a run without training: python launch/prepare_data.py [KEY=VALUE ...]
+"""Check and tokenise the data of a run without training: mft prepare-data [KEY=VALUE ...]
 
-Reads the same configuration as launch/finetune.py (conf/finetune.yaml), tokenises data.train,
-data.validation (or holds out data.validation_split of data.train, by seed) and data.test with the model's
-tokenizer exactly as training will, and prints what happened to every sample (kept / truncated / dropped
-by reason, held out, tokens). The tokenised files go into the data cache (data.cache_dir; null: none), so a
-later training run with the same files, tokenizer and options maps them instead of tokenising again.
-On the first invalid record it prints one line, `error: FILE:LINE: message`, and exits with status 2.
+The same as python launch/prepare_data.py [KEY=VALUE ...]. Reads the same configuration as launch/finetune.py
+(conf/finetune.yaml), tokenises data.train, data.validation (or holds out data.validation_split of data.train,
+by seed) and data.test with the model's tokenizer exactly as training will, and prints what happened to every
+sample (kept / truncated / dropped by reason, held out, tokens). The tokenised files go into the data cache
+(data.cache_dir; null: none), so a later training run with the same files, tokenizer and options maps them
+instead of tokenising again. On the first invalid record it prints one line, `error: FILE:LINE: message`, and
+exits with status 2.
 
 Examples:
   python launch/prepare_data.py                                             # the bundled HumanEval files
