@@ -185,7 +185,7 @@ def _ours_worker(tp, pp, sp, micro, policy_dir, variants, out_root, adapter_dir=
     from framework.runtime.distributed import initialize
     from framework.training import dpo_reference as ref
     from framework.training.dpo import DPOOptions, dpo_forward_backward
-    from framework.training.dpo_job import pair_batches
+    from framework.training.dpo_task import pair_batches
     from framework.training.optim import wrap_ddp
 
     rt = initialize(tp=tp, pp=pp, sp=sp, seed=0)

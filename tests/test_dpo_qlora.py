@@ -82,7 +82,7 @@ def _worker(base_dir):
     from framework.peft.nf4 import NF4Weight
     from framework.runtime.distributed import initialize
     from framework.training.dpo import DPOOptions, dpo_forward_backward
-    from framework.training.dpo_job import pair_batches
+    from framework.training.dpo_task import pair_batches
     from framework.training.dpo_reference import AdaptersDisabled
     from framework.training.optim import wrap_ddp
 

@@ -76,14 +76,14 @@ def _job(cfg, scripted_validation=None):
     validation DPO losses, in order, instead of measured ones."""
     os.chdir(ROOT)
     from framework.runtime.logs import setup_logging
-    from framework.training import dpo_job
+    from framework.training import dpo_job, dpo_task
     from framework.training.dpo import DPOMetrics
 
     setup_logging("WARNING")
     collected = Messages("framework.dpo", "framework.finetune")
     if scripted_validation is not None:
         losses = iter(scripted_validation)
-        dpo_job._validator = lambda *_a, **_k: lambda: DPOMetrics(*(next(losses),) * 9, pairs=8)
+        dpo_task._validator = lambda *_a, **_k: lambda: DPOMetrics(*(next(losses),) * 9, pairs=8)
     return dpo_job.run(cfg), collected.messages
 
 

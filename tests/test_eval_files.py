@@ -58,7 +58,7 @@ def test_split_and_test_file_match_hugging_face(tmp_path, tiny_tokenizer_dir):
     from framework.checkpoint.peft_export import export_peft
     from framework.data.prepare import prepare_config, prepare_one
     from framework.data.tokenizer import Tokenizer
-    from framework.training.summary import summary_table
+    from framework.training.sft import summary_table
 
     hf_dir = save_tiny_job_llama(tmp_path / "hf")
     test_file = tmp_path / "test.jsonl"

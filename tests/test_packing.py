@@ -224,7 +224,7 @@ def test_packed_job_learns(tmp_path, tiny_tokenizer_dir, tmp_path_factory):
     assert len(losses) == 3
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from framework.data.packing import sample_positions
-    from framework.training.finetune import prepare_inputs
+    from framework.training.sft import prepare_inputs
 
     train_set = prepare_inputs(cfg, 1)[2]
     lengths = [sample_positions(s) for s in train_set]

@@ -33,7 +33,7 @@ def _job(cfg, scripted_validation=None):
     """Run the job in this (spawned) process; returns (RunResult, warning-and-above messages of the job)."""
     os.chdir(ROOT)
     from framework.runtime.logs import setup_logging
-    from framework.training import finetune
+    from framework.training import finetune, sft
 
     setup_logging("WARNING")
     messages = capture_messages("framework.finetune")
@@ -42,7 +42,7 @@ def _job(cfg, scripted_validation=None):
             losses = iter(scripted_validation)
             return lambda: next(losses)
 
-        finetune._validator = scripted_validator
+        sft._validator = scripted_validator
     return finetune.run(cfg), messages
 
 
@@ -260,13 +260,13 @@ def test_data_position_refuses_another_sample_order():
 def test_trainer_options_are_checked_before_the_job_starts(tmp_path):
     from omegaconf import OmegaConf
 
-    from framework.training.options import trainer_problems
+    from framework.config.job import section_problems
 
     base = OmegaConf.load(os.path.join(ROOT, "conf", "trainer", "default.yaml"))
-    assert trainer_problems(base) == []
+    assert section_problems("trainer", base) == []
 
     def problems(**changes):
-        return "\n".join(trainer_problems(OmegaConf.merge(base, changes)))
+        return "\n".join(section_problems("trainer", OmegaConf.merge(base, changes)))
 
     assert "trainer.early_stopping.patience=0" in problems(early_stopping={"patience": 0})
     assert "trainer.early_stopping.min_delta=-1" in problems(early_stopping={"min_delta": -1})

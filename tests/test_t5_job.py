@@ -383,7 +383,7 @@ def _run_job(cfg):
 
 def _evaluate(cfg, trained_dir):
     os.chdir(ROOT)
-    from framework.training.finetune import evaluate_adapter
+    from framework.training.sft import evaluate_adapter
 
     return evaluate_adapter(cfg, trained_dir)
 

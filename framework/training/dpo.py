@@ -155,7 +155,7 @@ class DPOMetrics:
                 f"logps chosen {self.logp_chosen:.3f} rejected {self.logp_rejected:.3f}")
 
 
-def _metrics(reduced: list[dict], device, sft_weight: float) -> DPOMetrics:
+def reduce_metrics(reduced: list[dict], device, sft_weight: float) -> DPOMetrics:
     """Sum the micro-batches' statistics here and over all ranks (TP copies cancel in every ratio)."""
     from megatron.core import parallel_state as ps
 
@@ -205,7 +205,7 @@ def _model_forward(batch: dict, model, precision: str, device):
     return nll, batch, m
 
 
-def _dpo_step_fn(opts: DPOOptions, precision: str, device, sft_scale: float):
+def dpo_forward_step(opts: DPOOptions, precision: str, device, sft_scale: float):
     """The schedule's forward step: the DPO loss of a micro-batch of pairs (see the module docstring)."""
     def forward_step(data_iterator, model):
         nll, batch, m = _model_forward(next(data_iterator), model, precision, device)
@@ -227,7 +227,7 @@ def _dpo_step_fn(opts: DPOOptions, precision: str, device, sft_scale: float):
     return forward_step
 
 
-def _sft_scale(opts: DPOOptions, micro_batches: list[dict]) -> float:
+def sft_term_scale(opts: DPOOptions, micro_batches: list[dict]) -> float:
     """sft_weight x global pairs / global chosen target tokens (every rank knows the whole global batch
     through ``global_pairs`` / ``global_chosen_tokens`` set by the caller)."""
     if not opts.sft_weight:
@@ -245,7 +245,7 @@ def _schedule(model, micro_batches: list[dict], step_fn, forward_only: bool):
                                        micro_batch_size=tokens.shape[0], forward_only=forward_only)
 
 
-def _model_inputs(micro_batches: list[dict]) -> list[dict]:
+def model_inputs(micro_batches: list[dict]) -> list[dict]:
     # only tensors the forward step moves to the device; the globals stay plain numbers
     return [{k: v for k, v in mb.items() if isinstance(v, torch.Tensor)} for mb in micro_batches]
 
@@ -255,9 +255,9 @@ def dpo_forward_backward(model, micro_batches: list[dict], opts: DPOOptions, pre
     ``main_grad``, finalised (reduced over DP / SP / tied embeddings, divided by the global pair count)."""
     device = next(model.parameters()).device
     model.zero_grad_buffer()
-    reduced = _schedule(model, _model_inputs(micro_batches),
-                        _dpo_step_fn(opts, precision, device, _sft_scale(opts, micro_batches)), forward_only=False)
-    return _metrics(reduced, device, opts.sft_weight)
+    reduced = _schedule(model, model_inputs(micro_batches),
+                        dpo_forward_step(opts, precision, device, sft_term_scale(opts, micro_batches)), forward_only=False)
+    return reduce_metrics(reduced, device, opts.sft_weight)
 
 
 @dataclasses.dataclass
@@ -285,9 +285,9 @@ def dpo_evaluate(model, micro_batches: list[dict], opts: DPOOptions, precision: 
     model.eval()
     reduced = []
     for mb in micro_batches:  # one at a time: evaluation batches may differ in length
-        reduced += _schedule(model, _model_inputs([mb]), _dpo_step_fn(opts, precision, device, 0.0), forward_only=True)
+        reduced += _schedule(model, model_inputs([mb]), dpo_forward_step(opts, precision, device, 0.0), forward_only=True)
     model.train(was_training)
-    return _metrics(reduced, device, opts.sft_weight)
+    return reduce_metrics(reduced, device, opts.sft_weight)
 
 
 def _keep_logps(batch: dict, m: int):
@@ -309,7 +309,7 @@ def sequence_logps(model, micro_batches: list[dict], precision: str = "fp32") ->
     from megatron.core import parallel_state as ps
 
     device = next(model.parameters()).device
-    micro_batches = _model_inputs(micro_batches)
+    micro_batches = model_inputs(micro_batches)
 
     def step(data_iterator, stage):
         nll, batch, m = _model_forward(next(data_iterator), stage, precision, device)
