@@ -172,6 +172,7 @@ def _our_logits(ckpt_dir, tokens):
     return forward_logits(model.eval(), tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_merged_lora_trained_at_tp2_gives_base_plus_adapter_logits(trained_run, tmp_path):
     """`mft merge RUN --to hf`: transformers loads the result and its logits equal HF PEFT's base + adapter
