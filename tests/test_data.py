@@ -437,16 +437,23 @@ def test_validation_split_needs_two_samples(tok, tmp_path):
     (["data.validation_split=0.05"], "data.validation='data/humaneval/val.jsonl' and data.validation_split=0.05 "
                                      "are both set: give exactly one"),
     (["data.validation=null"], "data.validation and data.validation_split are both unset: give exactly one"),
-    (["data.validation=null", "data.validation_split=0"], "data.validation_split=0: expected a fraction"),
+    (["data.validation=null", "data.validation_split=0"], "data.validation_split=0.0: expected a fraction"),
     (["data.validation=null", "data.validation_split=1.5"], "data.validation_split=1.5: expected a fraction"),
-    (["data.validation=null", "data.validation_split=true"], "data.validation_split=True: expected a fraction"),
-    (["data.test=[a,b]"], "data.test=['a', 'b']: expected a path"),
+    (["data.validation=null", "data.validation_split=true"], "data.validation_split=True: expected a number"),
+    (["data.test=[a,b]"], "data.test=['a', 'b']: expected a string or null"),
+    (["data.max_lenght=64"], None),  # an unknown key: Hydra refuses it as it composes (typo protection)
 ])
 def test_validation_keys_are_checked_before_the_job(overrides, message):
     from framework.runtime.errors import ConfigError
     from framework.training.job_config import validate
     from tests.test_finetune_job import compose
 
+    if message is None:
+        from hydra.errors import ConfigCompositionException
+
+        with pytest.raises(ConfigCompositionException, match="max_lenght"):
+            compose(["model=tiny_llama", *overrides])
+        return
     with pytest.raises(ConfigError) as e:
         validate(compose(["model=tiny_llama", *overrides]), 1)
     assert message in str(e.value)

@@ -260,13 +260,13 @@ def test_data_position_refuses_another_sample_order():
 def test_trainer_options_are_checked_before_the_job_starts(tmp_path):
     from omegaconf import OmegaConf
 
-    from framework.training.options import trainer_problems
+    from framework.config.job import section_problems
 
     base = OmegaConf.load(os.path.join(ROOT, "conf", "trainer", "default.yaml"))
-    assert trainer_problems(base) == []
+    assert section_problems("trainer", base) == []
 
     def problems(**changes):
-        return "\n".join(trainer_problems(OmegaConf.merge(base, changes)))
+        return "\n".join(section_problems("trainer", OmegaConf.merge(base, changes)))
 
     assert "trainer.early_stopping.patience=0" in problems(early_stopping={"patience": 0})
     assert "trainer.early_stopping.min_delta=-1" in problems(early_stopping={"min_delta": -1})

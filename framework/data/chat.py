@@ -66,7 +66,7 @@ from framework.data.report import FileReport
 from framework.data.sample import Sample
 
 ROLES = ("system", "user", "assistant", "tool")
-LOSS_ON = ("assistant", "last", "all")
+from framework.config.data import LOSS_ON  # noqa: E402  (one list of the choices: the data section)
 TOO_LONG = "too_long"
 NO_TARGETS = "no_targets"
 

@@ -65,7 +65,7 @@ from framework.data.sample import Sample
 log = logging.getLogger("framework.data")
 
 FORMAT = "preference"
-BAD_RECORDS = ("error", "skip")
+from framework.config.data import BAD_RECORDS  # noqa: E402  (one list of the choices: the data section)
 MISSING_CHOSEN, MISSING_REJECTED = "missing_chosen", "missing_rejected"
 EMPTY_PROMPT, EMPTY_RESPONSE, IDENTICAL = "empty_prompt", "empty_response", "identical_responses"
 

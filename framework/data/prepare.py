@@ -29,13 +29,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from framework.data.chat import LOSS_ON, iter_messages
+from framework.data.chat import iter_messages
 from framework.runtime.errors import DataError
-from framework.data.prompt_completion import TRUNCATION_SIDES, iter_prompt_completion
+from framework.data.prompt_completion import iter_prompt_completion
 from framework.data.report import FileReport
 from framework.data.sample import Sample
 from framework.data.seq2seq import SEQ2SEQ, iter_seq2seq
 from framework.data.views import Subset, holdout_split
+from framework.config.data import DataSection, given
 
 log = logging.getLogger("framework.data")
 
@@ -46,40 +47,28 @@ FORMATS = {"prompt_completion": iter_prompt_completion, "messages": iter_message
 
 def check_options(max_length, truncation_side: str, data_format: str = "prompt_completion",
                   loss_on: str = "assistant") -> None:
-    """Raise ``ValueError`` naming the config key for options no file could satisfy."""
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"data.max_length: expected an integer >= 2 (room for a token and eos), got {max_length!r}")
-    if truncation_side not in TRUNCATION_SIDES:
-        raise ValueError(f"data.truncation_side: expected one of {TRUNCATION_SIDES}, got {truncation_side!r}")
-    if data_format not in FORMATS:
-        raise ValueError(f"data.format: expected one of {tuple(FORMATS)}, got {data_format!r}")
-    if loss_on not in LOSS_ON:
-        raise ValueError(f"data.loss_on: expected one of {LOSS_ON}, got {loss_on!r}")
+    """Raise ``ValueError`` naming the config key for options no file could satisfy (the checks of
+    framework/config/data.py, plus the formats this reader takes)."""
+    problems = DataSection.option_problems(max_length, truncation_side, data_format, loss_on)
+    if not problems and data_format not in FORMATS:
+        problems = [f"data.format: expected one of {tuple(FORMATS)}, got {data_format!r}"]
+    if problems:
+        raise ValueError(problems[0])
 
 
 def _given(data, key):
     """data[key], with an absent key, null and "" all meaning "not given"."""
-    value = data.get(key)
-    return None if value is None or value == "" else value
+    return given(data.get(key))
 
 
 def check_files(data, require_validation: bool = True) -> None:
-    """Raise ``ValueError`` naming the key when data.validation / data.validation_split / data.test /
-    data.cache_dir cannot work; ``require_validation``: training needs exactly one validation source."""
-    validation, split = _given(data, "validation"), _given(data, "validation_split")
-    if validation is not None and split is not None:
-        raise ValueError(f"data.validation={validation!r} and data.validation_split={split!r} are both set: "
-                         "give exactly one (a validation file, or the fraction of data.train to hold out)")
-    if require_validation and validation is None and split is None:
-        raise ValueError("data.validation and data.validation_split are both unset: give exactly one, a validation "
-                         "file (data.validation=FILE) or a fraction of data.train to hold out "
-                         "(data.validation_split=0.05)")
-    if split is not None and (isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 < split < 1):
-        raise ValueError(f"data.validation_split={split!r}: expected a fraction strictly between 0 and 1, e.g. 0.05")
-    for key in ("train", "validation", "test", "cache_dir"):
-        value = data.get(key)
-        if value is not None and not isinstance(value, str):
-            raise ValueError(f"data.{key}={value!r}: expected a path (or null)")
+    """Raise ``ValueError`` naming the key when the ``data`` node's keys cannot work (types, exactly one
+    validation source when ``require_validation``, the options): framework/config/data.py's checks."""
+    from framework.config.job import section_problems
+
+    problems = section_problems("data", data, require_validation)
+    if problems:
+        raise ValueError(problems[0])
 
 
 def cache_dir(data) -> Path | None:

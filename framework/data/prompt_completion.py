@@ -33,7 +33,7 @@ from framework.data.jsonl import read_jsonl, type_name
 from framework.data.report import FileReport
 from framework.data.sample import Sample
 
-TRUNCATION_SIDES = ("left", "right")
+from framework.config.data import TRUNCATION_SIDES  # noqa: E402  (one list of the choices: the data section)
 COMPLETION_TOO_LONG = "completion_too_long"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from framework.inference.generate import GenerationConfig
 from framework.inference.sampling import Sampling
 from framework.checkpoint.model_checks import model_config, model_problems
+from framework.config.job import typed
 from framework.models.config import ModelConfig
 from framework.runtime.errors import ConfigError
 
@@ -74,8 +75,11 @@ def encoder_decoder_problems(cfg, model) -> list[str]:
 def validate_generation(cfg, world_size: int) -> ModelConfig:
     """The checks of conf/generate.yaml (launch/generate.py, launch/evaluate.py): model, layout and precision
     as for training, then mode, input, batch_size, generate.* and eval.* (framework/inference/options.py)."""
+    problems, all_typed = typed(cfg, require_validation=False)  # model, parallel, precision sections
+    if not all_typed:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     model = model_config(cfg)
-    problems = model_problems(cfg, model, world_size) + generation_problems(cfg, model)  # T5: no PP, no fp8
+    problems += model_problems(cfg, model, world_size) + generation_problems(cfg, model)  # T5: no PP, no fp8
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return model

@@ -13,10 +13,7 @@ and the checks that run before any process group starts.
 
 from __future__ import annotations
 
-PRECISIONS = ("fp32", "bf16", "fp8")
-FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}
-FP8_FORMATS = ("hybrid", "e4m3")
-RECOMPUTE = ("none", "selective", "full")
+from framework.config.precision import FP8_RECIPES
 
 
 def fp8_available() -> tuple[bool, str]:
@@ -36,26 +33,12 @@ def fp8_available() -> tuple[bool, str]:
 
 
 def precision_problems(cfg) -> list[str]:
-    from omegaconf import OmegaConf
-
-    problems = []
-    precision = cfg.get("precision")
-    if precision not in PRECISIONS:
-        problems.append(f"precision={precision!r} is not one of {PRECISIONS}")
-    elif precision == "fp8":
-        ok, why = fp8_available()
-        if not ok:
-            problems.append(f"precision=fp8 needs Transformer Engine on a Hopper-class GPU, but {why}; "
-                            f"use precision=bf16")
-        fp8 = cfg.get("fp8") or {}
-        if fp8.get("recipe", "delayed") not in FP8_RECIPES:
-            problems.append(f"fp8.recipe={fp8.get('recipe')!r} is not one of {list(FP8_RECIPES)}")
-        if fp8.get("format", "hybrid") not in FP8_FORMATS:
-            problems.append(f"fp8.format={fp8.get('format')!r} is not one of {list(FP8_FORMATS)}")
-    recompute = OmegaConf.select(cfg, "trainer.recompute", default="none")
-    if recompute not in RECOMPUTE:
-        problems.append(f"trainer.recompute={recompute!r} is not one of {RECOMPUTE}")
-    return problems
+    """What this machine cannot do of the job's precision (the values themselves are checked by
+    framework/config/precision.py): fp8 needs Transformer Engine on a Hopper-class GPU."""
+    if cfg.get("precision") != "fp8":
+        return []
+    ok, why = fp8_available()
+    return [] if ok else [f"precision=fp8 needs Transformer Engine on a Hopper-class GPU, but {why}; use precision=bf16"]
 
 
 def transformer_settings(cfg) -> dict:

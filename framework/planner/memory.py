@@ -52,7 +52,7 @@ OVERHEAD = 3 * GiB
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 3.0}
 QLORA_WEIGHT_BYTES = 0.5 + 4 / 64
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp8": 2}
-RECOMPUTE = ("none", "selective", "full")
+from framework.config.trainer import RECOMPUTE  # noqa: E402
 # Planned options: with fused attention, selective recompute keeps the same activations as none (above).
 PLANNED_RECOMPUTE = ("none", "full")
 ADAPTER_METHODS = ("lora", "dora", "qlora")

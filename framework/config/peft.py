@@ -1,0 +1,129 @@
+"""``peft.*``: the PEFT method and its keys, one section per method (conf/peft/<method>.yaml).
+
+The target names each method accepts, and the checks that need the model (cross-attention targets on a
+decoder-only model, MLP targets on a mixture of experts, virtual tokens that still fit the positions),
+belong to the method's module in framework/peft/; the value checks are here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from framework.config.checks import at_least, fraction, one_of
+
+
+@dataclasses.dataclass
+class PeftSection:
+    method: str = "none"
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclasses.dataclass
+class NoneSection(PeftSection):
+    """Full-parameter fine-tuning: nothing frozen."""
+    method: str = "none"
+
+
+@dataclasses.dataclass
+class LoraSection(PeftSection):
+    """y = W x + (alpha / rank) B A x (alpha / sqrt(rank) with rslora), W frozen."""
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+
+    def problems(self) -> list[str]:
+        out = [at_least("peft.rank", self.rank, 1, what="a positive integer"),
+               fraction("peft.dropout", self.dropout)]
+        if self.alpha <= 0:
+            out.append(f"peft.alpha={self.alpha!r}: expected a positive number")
+        return [p for p in out if p]
+
+
+@dataclasses.dataclass
+class DoraSection(LoraSection):
+    """LoRA's direction update with a trained per-row magnitude (Liu et al. 2024)."""
+    method: str = "dora"
+
+
+@dataclasses.dataclass
+class QLoraSection(LoraSection):
+    """LoRA over a base stored in NF4 with double-quantised block scales."""
+    method: str = "qlora"
+    block_size: int = 64
+    scaler_block_size: int = 256
+
+    def problems(self) -> list[str]:
+        out = super().problems() + [p for p in (at_least("peft.block_size", self.block_size, 2),
+                                                at_least("peft.scaler_block_size", self.scaler_block_size, 1)) if p]
+        if self.block_size >= 2 and self.block_size % 2:
+            out.append(f"peft.block_size={self.block_size}: must be even (two 4-bit codes are packed per byte)")
+        return out
+
+
+@dataclasses.dataclass
+class IA3Section(PeftSection):
+    """Learned rescaling of keys, values and the MLP's inner activations."""
+    method: str = "ia3"
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["k", "v", "fc2"])
+
+
+@dataclasses.dataclass
+class AdapterSection(PeftSection):
+    """Houlsby bottleneck adapters after attention and MLP."""
+    method: str = "adapter"
+    bottleneck: int = 16
+    activation: str = "gelu"
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["attention", "mlp"])
+
+    def problems(self) -> list[str]:
+        return [p for p in [at_least("peft.bottleneck", self.bottleneck, 1, what="a positive integer")] if p]
+
+
+@dataclasses.dataclass
+class PromptTuningSection(PeftSection):
+    """n learned embeddings prepended to every sequence."""
+    method: str = "prompt_tuning"
+    num_virtual_tokens: int = 20
+    init: str = "random"
+    init_text: str | None = None
+    seed: int | None = None
+    text_tokenizer: Any = None   # a model node (source, path, tokenizer) whose tokenizer reads init_text
+
+    def problems(self) -> list[str]:
+        out = [at_least("peft.num_virtual_tokens", self.num_virtual_tokens, 1),
+               one_of("peft.init", self.init, ("random", "vocab", "text"))]
+        if self.init == "text" and not self.init_text:
+            out.append("peft.init=text needs peft.init_text (the text whose token embeddings start the prompt)")
+        return [p for p in out if p]
+
+
+@dataclasses.dataclass
+class PTuningSection(PeftSection):
+    """Virtual tokens produced by a trained prompt encoder (MLP or LSTM)."""
+    method: str = "ptuning"
+    num_virtual_tokens: int = 20
+    encoder_reparameterization_type: str = "MLP"
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+    seed: int | None = None
+
+    def problems(self) -> list[str]:
+        out = [at_least("peft.num_virtual_tokens", self.num_virtual_tokens, 1),
+               at_least("peft.encoder_hidden_size", self.encoder_hidden_size, 1, nullable=True),
+               at_least("peft.encoder_num_layers", self.encoder_num_layers, 1),
+               fraction("peft.encoder_dropout", self.encoder_dropout)]
+        return [p for p in out if p]
+
+
+#: conf/peft/<name>.yaml -> its section
+SECTIONS: dict[str, type[PeftSection]] = {
+    "none": NoneSection, "lora": LoraSection, "dora": DoraSection, "qlora": QLoraSection, "ia3": IA3Section,
+    "adapter": AdapterSection, "prompt_tuning": PromptTuningSection, "ptuning": PTuningSection,
+}
