@@ -241,7 +241,7 @@ def test_model_matches_dequantised_lora(tmp_path, tp, sp):
 
 
 def _count_worker(tp: int):
-    """(trainable, total) as the job counts and logs them (framework/training/run_setup.py count_parameters) for
+    """(trainable, total) as the job counts and logs them (framework/peft/param_count.py count_parameters) for
     QLoRA on a multi-query tiny Llama (4 query heads, 1 KV head: replicated over the ranks at TP > 1), and at
     TP=1 the plain count of the same model with full-precision LoRA (every weight a parameter)."""
     from framework.models.config import ModelConfig
@@ -249,7 +249,7 @@ def _count_worker(tp: int):
     from framework.peft.lora import apply_lora
     from framework.peft.qlora import apply_qlora
     from framework.runtime.distributed import initialize
-    from framework.training.run_setup import count_parameters
+    from framework.peft.param_count import count_parameters
 
     initialize(tp=tp, seed=0)
     cfg = ModelConfig(family="llama", vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4,

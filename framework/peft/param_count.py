@@ -1,6 +1,15 @@
-"""Trainable-parameter counts of a PEFT method for a model configuration, without allocating the model.
+"""The one parameter counter: (trainable, total) of a built model at any layout (:func:`count_parameters`,
+what every job logs), and the counts of a PEFT method for a model configuration without allocating the
+model (:func:`count_on_meta`, ``mft params``), counted by the same function. (The memory planner's
+formula in framework/planner/params.py predicts these from the shapes before anything is built; its tests
+check it against built models.)
 
-The whole model (TP = PP = 1) is built inside ``torch.device("meta")``: every tensor megatron creates
+Counting rule: every weight once, whatever the layout: tensor-parallel shards summed, replicated tensors
+counted once (not once per TP rank), KV heads copied over TP ranks (framework/models/kv_replication.py)
+counted once, pipeline stages summed, data-parallel replicas not added; quantised base weights (QLoRA's
+NF4) are buffers, not parameters, and are counted in ``total`` by their element count.
+
+For :func:`count_on_meta` the whole model (TP = PP = 1) is built inside ``torch.device("meta")``: every tensor megatron creates
 without an explicit device is a meta tensor (shape and dtype, no storage), so an 8B-parameter model costs
 a few MB of Python objects. The method is applied as the job applies it (framework/peft/registry.py), then
 parameters are counted. Quantised base weights (QLoRA's NF4) are buffers, not parameters; they are counted
@@ -15,6 +24,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from framework.models.kv_replication import extra_copies
+from framework.peft.qlora import quantized_numel
 
 
 @dataclasses.dataclass
@@ -31,23 +45,38 @@ class ParamCount:
         return self.trainable / self.total if self.total else 0.0
 
 
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) over the whole model (all ranks call): see the counting rule above."""
+    copies = extra_copies(model)  # KV heads replicated over TP ranks count once
+
+    def numel(p):  # replicated parameters would be counted once per TP rank
+        if getattr(p, "tensor_model_parallel", False):
+            return p.numel() - copies.get(id(p), 0)
+        return p.numel() / ps.get_tensor_model_parallel_world_size()
+
+    quantized = quantized_numel(model)  # QLoRA: TP shards (KV copies once), not params
+    t = torch.tensor([sum(numel(p) for p in model.parameters() if p.requires_grad),
+                      sum(numel(p) for p in model.parameters()) + quantized], dtype=torch.float64)
+    if ps.get_data_parallel_rank() != 0:
+        t.zero_()
+    dist.all_reduce(t)
+    return int(round(t[0].item())), int(round(t[1].item()))
+
+
 def count_on_meta(model_cfg, peft_cfg, **build_kwargs) -> ParamCount:
     """Build ``model_cfg`` on the meta device, apply ``peft_cfg`` (an OmegaConf node with ``method``), count."""
     from framework.models.registry import get_family
     from framework.peft.nf4 import NF4Weight
-    from framework.peft.qlora import quantized_numel
     from framework.peft.registry import apply_peft
 
     with torch.device("meta"):
         model = get_family(model_cfg.family).build(model_cfg, 1, 1, False, **build_kwargs)
         apply_peft(model, peft_cfg, model_cfg)
-    params = list(model.parameters())
     nf4 = [m for m in model.modules() if isinstance(m, NF4Weight)]
     quantized = quantized_numel(model)
-    tensors = params + list(model.buffers())
-    return ParamCount(method=str(peft_cfg.method),
-                      trainable=sum(p.numel() for p in params if p.requires_grad),
-                      total=sum(p.numel() for p in params) + quantized,
+    tensors = list(model.parameters()) + list(model.buffers())
+    trainable, total = count_parameters(model)
+    return ParamCount(method=str(peft_cfg.method), trainable=trainable, total=total,
                       quantized=quantized, nf4_bytes=sum(m.nbytes() for m in nf4),
                       allocated=sum(t.numel() for t in tensors if not t.is_meta))
 

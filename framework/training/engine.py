@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from framework.checkpoint.model_loading import build_pretrained
 from framework.data.batching import BatchOrder
 from framework.models.config import ModelConfig
+from framework.peft.param_count import count_parameters
 from framework.peft.virtual_tokens import with_virtual_tokens
 from framework.runtime import distributed as rtd
 from framework.runtime.progress import progress
@@ -137,7 +138,7 @@ def run(cfg: DictConfig, task: Task):
     order = BatchOrder(task.setup(job), int(tr.global_batch_size), seed=int(cfg.seed))
     total_steps = run_setup.total_steps(tr, order)
     optimizer, scheduler = build_optimizer(model, tr, cfg.precision, total_steps=total_steps)
-    trainable, total = run_setup.count_parameters(model)
+    trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     stopper = EarlyStopping.from_config(tr)
 

@@ -13,16 +13,12 @@ import logging
 import math
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from omegaconf import DictConfig, OmegaConf
 
 from framework.checkpoint.trained import load_trained, save_trained
 from framework.data.packing import pack, packing_efficiency
 from framework.models.gpt import te_available
-from framework.models.kv_replication import extra_copies
-from framework.peft.qlora import quantized_numel
 from framework.peft.registry import get_method
 from framework.runtime import distributed as rtd
 from framework.runtime.errors import ConfigError
@@ -82,24 +78,6 @@ def total_steps(tr, order) -> int:
     if tr.get("max_epochs") is not None:
         bounds.append(math.ceil(float(tr.max_epochs) * order.steps_per_epoch))
     return max(1, min(bounds))
-
-
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) over the whole model: summed over PP stages, TP shards counted once."""
-    copies = extra_copies(model)  # KV heads replicated over TP ranks count once
-
-    def numel(p):  # replicated parameters would be counted once per TP rank
-        if getattr(p, "tensor_model_parallel", False):
-            return p.numel() - copies.get(id(p), 0)
-        return p.numel() / ps.get_tensor_model_parallel_world_size()
-
-    quantized = quantized_numel(model)  # QLoRA: TP shards (KV copies once), not params
-    t = torch.tensor([sum(numel(p) for p in model.parameters() if p.requires_grad),
-                      sum(numel(p) for p in model.parameters()) + quantized], dtype=torch.float64)
-    if ps.get_data_parallel_rank() != 0:
-        t.zero_()
-    dist.all_reduce(t)
-    return int(round(t[0].item())), int(round(t[1].item()))
 
 
 def trained_dir(cfg, root: Path) -> Path:
