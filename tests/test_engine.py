@@ -71,7 +71,7 @@ class ToyTask:
         return [self._rows(mb) for mb in mine]
 
     def forward_step(self, data_iterator, model):
-        from framework.models.loss import model_loss
+        from framework.models.kinds import model_loss
 
         batch = {k: v.to(self.device) for k, v in next(data_iterator).items()}
         per_token = model_loss(model, batch)
@@ -105,18 +105,14 @@ class ToyTask:
         from framework.training.engine import Report
 
         batch = self._rows([100, 101, 102, 103])
-        was_training = self.model_training(False)
+        was_training = self.model.training
+        self.model.eval()
         reduced = get_forward_backward_func()(forward_step_func=self.forward_step, data_iterator=iter([batch]),
                                               model=[self.model], num_microbatches=1, seq_length=ROW,
                                               micro_batch_size=4, forward_only=True)
-        self.model_training(was_training)
+        self.model.train(was_training)
         loss = self._reduce(reduced)
         return Report(loss, f"loss {loss:.6f}", {"val/toy_loss": loss}, record={"toy_loss": loss})
-
-    def model_training(self, mode):
-        was = self.model.training
-        self.model.train(mode)
-        return was
 
     def save(self, directory):
         self.saves_seen += 1
