@@ -7,7 +7,8 @@
 Writing is atomic: everything goes into a temporary sibling directory that is moved into place with
 ``os.replace`` once complete, so a crash leaves either the old checkpoint or the new one, never a
 mixture. ``config.yaml`` also records the size of every file under ``weights/``, so a truncated or
-missing file is reported by name before megatron reads anything.
+missing file is reported by name before megatron reads anything, and so is a pickle in it that holds
+more than plain data (framework/checkpoint/dcp_pickles.py).
 
 Loading (:func:`load_checkpoint_into`) works at any layout: build the model at the wanted TP/PP and
 dist_checkpointing reads each rank's shards of the global tensors (resharding on load). KV heads
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from framework.runtime.atomic import publish
 from framework.runtime.errors import CheckpointError
+from framework.checkpoint.dcp_pickles import check_dcp_pickles
 from framework.checkpoint.streaming import streaming_save
 from framework.models.config import ModelConfig, arch_mismatches
 from framework.models.unwrap import unwrap_model
@@ -238,6 +240,7 @@ def verify_checkpoint(ckpt_dir, model_cfg: ModelConfig | None = None, check_hash
                                   f"the file is truncated or corrupted")
     if check_hashes:
         check_sha256(ckpt_dir, meta)
+    check_dcp_pickles(weights)  # a checkpoint someone hands us: no code in its pickles before megatron loads them
     return meta
 
 

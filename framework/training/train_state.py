@@ -2,11 +2,17 @@
 
     train_state/optimizer/       the optimizer (Adam moments, step; fp32 main params under bf16) as megatron
                                  dist_checkpointing of ``optimizer.sharded_state_dict`` (all ranks write)
-    train_state/rng/tpT-ppP-dpD.pt   python, numpy, torch (CPU and CUDA) and megatron's RNG-tracker states of
-                                 each rank
+    train_state/rng/tpT-ppP-dpD.safetensors   python, numpy, torch (CPU and CUDA) and megatron's RNG-tracker
+                                 states of each rank (framework/training/rng_state.py)
     train_state/state.json       step, LR scheduler, data position, early-stopping counters, losses and
                                  validations so far, the settings a resume must share, the optimizer's
                                  layout (written last)
+
+Nothing here is a pickle of ours: tensors are safetensors, the rest JSON. The optimizer directory is
+megatron's format, whose ``.metadata``, ``common.pt`` and non-tensor items torch unpickles; they are checked
+first (framework/checkpoint/dcp_pickles.py) and a pickle that references anything beyond plain data and
+torch's checkpoint metadata is refused unread. A train state written before this (``format_version`` 1, RNG
+states as ``rng/*.pt`` pickles) is refused with what to do, never unpickled.
 
 In a background save (``trainer.async_save``, framework/training/checkpointing.py) the optimizer's tensors
 are written by megatron's async writer and state.json, its content taken at the save, is written by the
@@ -34,15 +40,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from framework.checkpoint.dcp_pickles import check_dcp_pickles
+from framework.runtime.errors import ConfigError
+from framework.training.rng_state import SUFFIX as RNG_SUFFIX
+from framework.training.rng_state import read_rng_file, rng_state, save_rng_file, set_rng_state  # noqa: F401
 
 log = logging.getLogger("framework.train_state")
 
-FORMAT_VERSION = 1
+#: 2: RNG states as safetensors (rng/*.safetensors); 1: as pickles (rng/*.pt), refused (read_state)
+FORMAT_VERSION = 2
+PICKLED_RNG_VERSION = 1
 STATE_FILE = "state.json"
 OPTIMIZER_DIR = "optimizer"
 RNG_DIR = "rng"
@@ -95,29 +106,7 @@ def settings_differences(saved: dict, now: dict) -> list[str]:
             if k in saved and saved.get(k) != now.get(k)]
 
 
-# -- RNG ----------------------------------------------------------------------------------------------------
-def rng_state() -> dict:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": {k: v.clone() if torch.is_tensor(v) else v
-                         for k, v in get_cuda_rng_tracker().get_states().items()}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
-
-
+# -- RNG (framework/training/rng_state.py) -------------------------------------------------------------
 def _rank_position() -> tuple[int, int, int]:
     from megatron.core import parallel_state as ps
 
@@ -126,7 +115,7 @@ def _rank_position() -> tuple[int, int, int]:
 
 
 def _rng_file(directory: Path, tp: int, pp: int, dp: int) -> Path:
-    return directory / RNG_DIR / f"tp{tp}-pp{pp}-dp{dp}.pt"
+    return directory / RNG_DIR / f"tp{tp}-pp{pp}-dp{dp}{RNG_SUFFIX}"
 
 
 # -- optimizer ----------------------------------------------------------------------------------------------
@@ -172,6 +161,7 @@ def optimizer_layout_problem(state: dict, optimizer, where) -> str | None:
 def load_optimizer(model, optimizer, directory: Path) -> None:
     from megatron.core import dist_checkpointing
 
+    check_dcp_pickles(directory)  # before megatron unpickles anything in it
     _prime_distributed_state(optimizer)
     state = dist_checkpointing.load(_optimizer_sharded(model, optimizer, is_loading=True), str(directory))
     steps = _distributed_steps(optimizer, state)
@@ -236,7 +226,7 @@ def save_train_state(directory, *, model, optimizer, scheduler, order, stopper, 
         request = save_optimizer(model, optimizer, directory / OPTIMIZER_DIR, background=True)
     else:
         save_optimizer(model, optimizer, directory / OPTIMIZER_DIR)
-    torch.save(rng_state(), _rng_file(directory, *_rank_position()))
+    save_rng_file(_rng_file(directory, *_rank_position()), rng_state())
     distributed = is_distributed_optimizer(optimizer)
     # taken now: the loop, scheduler and data order go on while a background save is being written
     text = json.dumps({"format_version": FORMAT_VERSION, **dataclasses.asdict(loop),
@@ -261,10 +251,18 @@ def save_train_state(directory, *, model, optimizer, scheduler, order, stopper, 
 
 def read_state(directory) -> dict:
     """state.json of CHECKPOINT/train_state (raises OSError/ValueError if missing or unreadable)."""
-    state = json.loads((Path(directory) / STATE_FILE).read_text())
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{Path(directory) / STATE_FILE}: format_version {state.get('format_version')!r}, this "
-                         f"code reads {FORMAT_VERSION}")
+    path = Path(directory) / STATE_FILE
+    state = json.loads(path.read_text())
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version == PICKLED_RNG_VERSION:
+        raise ConfigError(
+            f"trainer.resume: {path} is a train state of an earlier version of this framework (format_version "
+            f"{version}), which kept the RNG states as pickles ({Path(directory) / RNG_DIR}/*.pt). Unpickling a "
+            f"file can run any code it holds, so this version does not read them. Resume this checkpoint with "
+            f"the version that wrote it, or start a new run: another output_dir, or "
+            f"trainer.resume=never (which deletes the checkpoints in this output_dir)")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
     return state
 
 
@@ -272,8 +270,6 @@ def load_train_state(directory, *, model, optimizer, scheduler, order, stopper, 
     """Restore optimizer, scheduler, RNG, data position and early-stopping counters from ``directory``;
     returns the loop's progress. The weights are restored separately (framework.peft.registry.load_trained)
     and must be loaded first: a bf16 optimizer's fp32 main params are overwritten here."""
-    from framework.runtime.errors import ConfigError
-
     directory = Path(directory)
     state = read_state(directory)
     problem = optimizer_layout_problem(state, optimizer, directory.parent)
@@ -288,8 +284,7 @@ def load_train_state(directory, *, model, optimizer, scheduler, order, stopper, 
     same_layout = (saved["tp"], saved["pp"], saved["dp"]) == (rt.tp, rt.pp, rt.dp)
     rng_file = _rng_file(directory, tp, pp, dp if same_layout else 0)
     if rng_file.is_file():
-        # our own file, written by this code: it holds numpy arrays and python tuples, not just tensors
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(read_rng_file(rng_file))
     else:
         log.warning("no RNG state for TP rank %d, PP rank %d in %s (the checkpoint's layout was TP=%d PP=%d): "
                     "random streams (dropout) restart from the seed", tp, pp, directory, saved["tp"], saved["pp"])
