@@ -191,7 +191,7 @@ def test_dcp_check_passes_plain_data_and_refuses_planted_code(tmp_path):
 @pytest.mark.timeout(400)
 def test_saved_train_state_holds_no_pickle_of_ours_and_resume_checks_megatrons(tiny_tokenizer_dir, tmp_path):
     # two DP ranks with megatron's distributed optimizer: two RNG files, and byte items in the .distcp files
-    overrides = ("trainer.max_steps=2", "trainer.steps_per_run=1", "trainer.save_interval=1", "peft.method=none",
+    overrides = ("trainer.max_steps=2", "trainer.steps_per_run=1", "trainer.save_interval=1", "peft=none",
                  "trainer.distributed_optimizer=true")
     first, _ = run_job(job_cfg(tiny_tokenizer_dir, tmp_path, *overrides), world=2)
     assert first.status == "paused"
