@@ -151,3 +151,21 @@ def micro_batches(indices: list[int], dp_rank: int, dp_size: int, micro_batch_si
     per_rank = len(indices) // dp_size
     mine = list(indices[dp_rank * per_rank:(dp_rank + 1) * per_rank])
     return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+
+
+def collate_global_batch(kind: str, micro_batch_indices: list[list[int]], indices: list[int], dataset,
+                         pad_id: int, multiple: int = 1) -> list[dict]:
+    """This rank's micro-batches (``micro_batch_indices``) of a global batch (``indices``), every one padded
+    to the global batch's longest (rounded up to ``multiple``): pipeline parallelism needs one shape per step,
+    and every rank pads alike. ``kind`` is the model's (framework/models/kinds.py): a decoder-only model
+    takes shifted token rows (:func:`collate`); an encoder-decoder model its encoder inputs and labels
+    (framework/data/seq2seq.py), the decoder starting from the pad id (T5's ``decoder_start_token_id``)."""
+    if kind == "encoder_decoder":
+        from framework.data.seq2seq import collate_seq2seq, lengths
+
+        se, sd = lengths([dataset[i] for i in indices])
+        return [collate_seq2seq([dataset[i] for i in mb], pad_id, pad_id, multiple, encoder_length=se,
+                                decoder_length=sd) for mb in micro_batch_indices]
+    longest = max(len(dataset[i].input_ids) - 1 for i in indices)
+    seq = math.ceil(longest / multiple) * multiple
+    return [collate([dataset[i] for i in mb], pad_id, seq_length=seq) for mb in micro_batch_indices]

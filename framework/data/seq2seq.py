@@ -48,15 +48,18 @@ import torch
 from framework.data.prompt_completion import TRUNCATION_SIDES, read_prompt_completion
 from framework.data.report import FileReport
 from framework.data.sample import Sample
+from framework.models.kinds import ENCODER_DECODER
+from framework.models.registry import FAMILIES
 
 SEQ2SEQ = "seq2seq"
 
 
 def is_encoder_decoder(cfg) -> bool:
-    """Whether the job's model (``model.arch``) is an encoder-decoder (T5): it has a decoder stack of its own."""
+    """Whether the job's model family (``model.arch.family``) builds an encoder-decoder (T5)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.select(cfg, "model.arch.num_decoder_layers", default=None) is not None
+    family = FAMILIES.get(OmegaConf.select(cfg, "model.arch.family", default=None))
+    return family is not None and family.kind is ENCODER_DECODER
 
 
 def decoder_max_length(data) -> int:

@@ -318,3 +318,18 @@ def t5_greedy(model, encoder_ids: list[int], max_new_tokens: int, decoder_start_
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=(eos_id,))
     done = generate(model, [list(encoder_ids)], cfg, pad_id=decoder_start_id, decoder_start_id=decoder_start_id)[0]
     return done.tokens + ([eos_id] if done.finish_reason == "stop" else [])
+
+
+def complete_sample(kind: str, model, sample, tokenizer, max_new_tokens: int, pad_multiple: int = 1) -> str:
+    """Greedy completion of a training sample's prompt, decoded: for a decoder-only model the tokens that
+    carry no loss (the prompt), for an encoder-decoder model its encoder input (the prompt + eos; the decoder
+    starts from the pad id). ``kind`` is the model's (framework/models/kinds.py)."""
+    if kind == "encoder_decoder":
+        from framework.data.seq2seq import split
+
+        encoder, _ = split(sample)
+        return tokenizer.decode(t5_greedy(model, encoder, max_new_tokens, tokenizer.pad_id, tokenizer.eos_id,
+                                          pad_multiple))
+    prompt = [t for t, m in zip(sample.input_ids, sample.loss_mask) if not m]
+    return tokenizer.decode(greedy_generate(model, prompt, max_new_tokens, eos_id=tokenizer.eos_id,
+                                            pad_multiple=pad_multiple))

@@ -80,17 +80,19 @@ def prepare(cfg: DictConfig, world_size: int):
     from framework.inference.options import generation_config
     from framework.inference.requests import read_requests
     from framework.checkpoint import hub
-    from framework.models.t5_support import T5_METHODS
+    from framework.models.kinds import ENCODER_DECODER
+    from framework.models.registry import kind_of
 
     model_cfg = validate_generation(cfg, world_size)
     if cfg.model.source != "random":
         hub.model_config_for(cfg.model)  # converts a bundled model once; checks model.arch against config.json
     tokenizer = Tokenizer.from_dir(hub.tokenizer_dir(cfg.model))
     peft = trained_peft_config(cfg.adapter) if cfg.get("adapter") else {}
-    seq2seq = model_cfg.num_decoder_layers is not None  # T5: the prompt is the encoder's, apart from the decoder's
-    if seq2seq and peft.get("method", "none") not in T5_METHODS:
+    kind = kind_of(model_cfg)
+    seq2seq = kind is ENCODER_DECODER  # T5: the prompt is the encoder's, apart from the decoder's
+    if kind.peft_methods is not None and peft.get("method", "none") not in kind.peft_methods:
         raise ConfigError(f"adapter={cfg.adapter}: a {peft['method']} adapter; an encoder-decoder model (T5) "
-                          f"takes {' or '.join(T5_METHODS)} (LoRA adapters, or full fine-tuned weights)")
+                          f"takes {' or '.join(kind.peft_methods)} (LoRA adapters, or full fine-tuned weights)")
     n_virtual = int(peft.get("num_virtual_tokens") or 0)
     gen = generation_config(cfg.generate, stop_ids(tokenizer, cfg.generate.get("stop_tokens")), int(cfg.seed))
     room = model_cfg.max_position_embeddings - n_virtual

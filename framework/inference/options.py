@@ -7,6 +7,7 @@ from framework.inference.sampling import Sampling
 from framework.checkpoint.model_checks import model_config, model_problems
 from framework.config.job import typed
 from framework.models.config import ModelConfig
+from framework.models.registry import kind_of
 from framework.runtime.errors import ConfigError
 
 MODES = ("generate", "eval")
@@ -49,26 +50,12 @@ def generation_problems(cfg, model) -> list[str]:
     if _positive_int(n) and n >= model.max_position_embeddings:
         problems.append(f"generate.max_new_tokens={n} leaves no room for a prompt in the model's "
                         f"max_position_embeddings={model.max_position_embeddings}")
-    if model.num_decoder_layers is not None:  # encoder-decoder (T5)
-        problems += encoder_decoder_problems(cfg, model)
+    problems += kind_of(model).problems(cfg, model, "generate")  # T5: no PP, no fp8
     max_length = (cfg.get("eval") or {}).get("max_length")
     if max_length is not None and (not _positive_int(max_length) or max_length < 2
                                    or max_length > model.max_position_embeddings):
         problems.append(f"eval.max_length={max_length!r}: expected an integer from 2 to the model's "
                         f"max_position_embeddings={model.max_position_embeddings}, or null")
-    return problems
-
-
-def encoder_decoder_problems(cfg, model) -> list[str]:
-    """What generation and evaluation do not do for an encoder-decoder model (T5): pipeline parallelism and
-    the model checks of framework/models/t5.py, fp8 (T5 runs on the local layer spec, not Transformer
-    Engine's)."""
-    from framework.models.t5 import t5_problems
-
-    problems = t5_problems(model, int(cfg.parallel.pipeline))
-    if cfg.get("precision") == "fp8":
-        problems.append("precision=fp8 is not supported for T5 (it runs on the local layer spec, not Transformer "
-                        "Engine's); use precision=bf16 or fp32")
     return problems
 
 

@@ -13,7 +13,7 @@ ignored); the last stage's per-sample sums are broadcast over the pipeline, so e
 
 Encoder-decoder models (T5): a sample is framework/data/seq2seq.py's (encoder input = prompt + EOS, targets
 = completion + EOS); it is batched by ``collate_seq2seq`` (decoder start = ``pad_id``, T5's) and its
-per-token loss comes from framework/models/loss.py ``model_loss``, as the job's validation loss does.
+per-token loss comes from framework/models/kinds.py ``model_loss``, as the job's validation loss does.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import math
 import torch
 
 from framework.data.sample import Sample
-from framework.models.loss import model_loss
+from framework.models.kinds import model_loss
 
 
 def _forward_step(data_iterator, model):

@@ -19,6 +19,7 @@ from framework.models.families import gemma, mistral
 from framework.models.families import t5
 from framework.models.families import falcon, gpt2, gpt_bigcode, nemotron, starcoder2
 from framework.models.gpt import build_gpt
+from framework.models.kinds import DECODER_ONLY, ENCODER_DECODER, ModelKind
 from framework.models.t5 import build_t5
 
 
@@ -35,12 +36,14 @@ class Family:
     weights_for: Callable[[ModelConfig], tuple] | None = None  # a table that depends on more than tying (T5)
     peft: object = None  # PEFT: HF PEFT module names (framework/models/peft_names.py PeftNames)
     base_prefix: str | None = None  # BASE_MODEL_PREFIX: tensor names of a bare base-model save lack it
+    kind: ModelKind = DECODER_ONLY  # decoder-only or encoder-decoder: framework/models/kinds.py
 
     @classmethod
-    def of(cls, name: str, module: types.ModuleType, build: Callable = build_gpt) -> "Family":
+    def of(cls, name: str, module: types.ModuleType, build: Callable = build_gpt,
+           kind: ModelKind = DECODER_ONLY) -> "Family":
         return cls(name, module.HF_MODEL_TYPES, module.config_from_hf, module.hf_config, module.hf_shapes,
                    module.WEIGHTS, module.IGNORED, build, getattr(module, "weights_for", None),
-                   getattr(module, "PEFT", None), getattr(module, "BASE_MODEL_PREFIX", None))
+                   getattr(module, "PEFT", None), getattr(module, "BASE_MODEL_PREFIX", None), kind)
 
     def rules(self, tied: bool, cfg: ModelConfig | None = None) -> list:
         """The rules of a (tied or untied) checkpoint; a family with ``weights_for`` needs ``cfg``."""
@@ -58,7 +61,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family.of("mistral", mistral),
     "gemma": Family.of("gemma", gemma),
     "mixtral": Family.of("mixtral", mixtral),
-    "t5": Family.of("t5", t5, build_t5),
+    "t5": Family.of("t5", t5, build_t5, ENCODER_DECODER),
     "gpt2": Family.of("gpt2", gpt2),
     "gpt_bigcode": Family.of("gpt_bigcode", gpt_bigcode),
     "starcoder2": Family.of("starcoder2", starcoder2),
@@ -72,6 +75,11 @@ def get_family(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         raise ConfigError(f"model.arch.family={name!r} is not a known family; known: {sorted(FAMILIES)}") from None
+
+
+def kind_of(model: ModelConfig) -> ModelKind:
+    """The kind of model ``model``'s family builds (decoder-only, encoder-decoder)."""
+    return get_family(model.family).kind
 
 
 def family_for_hf(config: dict) -> Family:

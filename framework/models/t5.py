@@ -28,7 +28,7 @@ falls short (each gap is filled here by a small megatron-style piece, named belo
 * Pipeline parallelism: megatron-core 0.16.1's schedules no longer split an encoder-decoder model between
   stages (no encoder/decoder split rank), so PP > 1 is refused with a ConfigError.
 
-Fine-tuning (framework/models/loss.py) calls ``T5Model.forward`` with ``lm_labels`` for megatron's
+Fine-tuning (framework/models/kinds.py) calls ``T5Model.forward`` with ``lm_labels`` for megatron's
 vocab-parallel cross entropy per decoder position; :func:`t5_encode` runs the encoder alone, :func:`t5_logits`
 gives full logits (from token ids, or from encoder states computed once); generation is in
 framework/inference/encoder_decoder.py.

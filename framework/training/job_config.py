@@ -17,7 +17,7 @@ from framework.config.job import Layout, typed
 from framework.data.prepare import check_options
 from framework.data.seq2seq import problems as seq2seq_problems
 from framework.models.config import ModelConfig
-from framework.models.t5_support import job_problems as encoder_decoder_problems
+from framework.models.registry import kind_of
 from framework.peft.registry import METHODS, config_problems
 from framework.runtime.errors import ConfigError
 
@@ -39,9 +39,9 @@ def validate(cfg: DictConfig, world_size: int) -> ModelConfig:
         problems.append(f"peft.method={cfg.peft.method!r} is not one of {sorted(METHODS)}")
     problems += config_problems(cfg, model)  # the method's targets against the model; MLP targets on MoE
     problems += seq2seq_problems(cfg)  # data.format / packing / decoder_max_length against the model's kind
-    if model.num_decoder_layers is not None:  # encoder-decoder (T5): what the job does not do for it
-        problems += encoder_decoder_problems(cfg, model)
-    if "dpo" in cfg or cfg.data.format == "preference":  # preference tuning (launch/dpo.py)
+    dpo = "dpo" in cfg or cfg.data.format == "preference"  # preference tuning (launch/dpo.py)
+    problems += kind_of(model).problems(cfg, model, "dpo" if dpo else "train")  # e.g. T5: no PP, LoRA or full only
+    if dpo:
         from framework.training.dpo import job_problems
 
         problems += job_problems(cfg)

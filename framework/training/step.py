@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from framework.models.loss import model_loss
+from framework.models.kinds import model_loss
 
 
 @dataclasses.dataclass
