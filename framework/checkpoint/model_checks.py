@@ -28,7 +28,7 @@ def model_problems(cfg: DictConfig, model: ModelConfig, world_size: int) -> list
         problems.append(f"model.arch.family={model.family!r} is not a known family; known: {sorted(FAMILIES)}")
     par = cfg.parallel
     try:
-        check_layout(model, int(par.tensor), int(par.pipeline), bool(par.sequence), world_size,
+        check_layout(model, par.tensor, par.pipeline, par.sequence, world_size,
                      par.get("first_stage_layers"), par.get("last_stage_layers"))
     except LayoutError as e:
         problems.append(str(e).replace("invalid parallel layout:\n  - ", "").replace("\n  - ", "\n"))

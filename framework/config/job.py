@@ -33,6 +33,15 @@ def _schema(group: str, node):
     return GROUPS.get(group)
 
 
+def _other_methods_keys(schema, node) -> list[str]:
+    """Keys of ``node`` that another PEFT method's section has but ``schema`` lacks: what a group file leaves
+    behind when ``peft.method`` is overridden (``peft.method=none`` over conf/peft/lora.yaml keeps rank,
+    alpha, ...). They mean nothing to this method and are dropped; a key no method has is still refused."""
+    own = {f.name for f in dataclasses.fields(schema)}
+    known = {f.name for s in PEFT_SECTIONS.values() for f in dataclasses.fields(s)}
+    return [k for k in node if k not in own and k in known]
+
+
 _WHAT = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
          dict: "a mapping"}
 
@@ -53,6 +62,9 @@ def _expected(schema, dotted: str) -> str:
 
 
 def _merge(group: str, schema, node) -> tuple[DictConfig | None, str | None]:
+    if group == "peft" and OmegaConf.is_config(node) and _other_methods_keys(schema, node):
+        dropped = set(_other_methods_keys(schema, node))
+        node = OmegaConf.create({k: v for k, v in OmegaConf.to_container(node).items() if k not in dropped})
     try:
         return OmegaConf.merge(OmegaConf.structured(schema), node), None
     except OmegaConfBaseException as e:

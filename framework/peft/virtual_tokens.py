@@ -288,7 +288,7 @@ def config_problems(cfg, model_cfg) -> list[str]:
         return [f"peft.num_virtual_tokens={n!r}: expected an integer >= 1"]
     problems = []
     max_len = cfg.data.get("max_length")
-    tp = int(cfg.parallel.tensor) if cfg.parallel.get("sequence") else 1
+    tp = cfg.parallel.tensor if cfg.parallel.get("sequence") else 1
     if isinstance(max_len, int):
         longest = math.ceil((max_len + n) / tp) * tp  # n virtual + the longest row, padded under SP
         if longest > model_cfg.max_position_embeddings:

@@ -86,7 +86,7 @@ class DPOTask:
         log.info("reference: %s; loss: %s beta=%g label_smoothing=%g sft_weight=%g", self.kind, self.opts.loss,
                  self.opts.beta, self.opts.label_smoothing, self.opts.sft_weight)
         self.bins = pack_pairs(cfg, self.data.train, rt)  # a global batch is then global_batch_size bins
-        self.seq_length = None if self.bins is None else packed_length(cfg, rt)
+        self.seq_length = None if self.bins is None else packed_length(cfg.data, rt)
         # from the starting weights, so before a resume restores the trained ones
         self.reference = build_reference(self.kind, cfg, job.model, job.model_cfg, rt, self.data,
                                          self.tokenizer.pad_id, job.resume_from)
@@ -96,7 +96,7 @@ class DPOTask:
         return len(self.data.train) if self.bins is None else len(self.bins)
 
     def batch(self, indices: list[int]) -> list[dict]:
-        batches, idx = pair_batches(indices, self.data.train, int(self.cfg.trainer.micro_batch_size),
+        batches, idx = pair_batches(indices, self.data.train, self.cfg.trainer.micro_batch_size,
                                     self.tokenizer.pad_id, self.rt, self.bins, self.seq_length)
         self.reference.attach(batches, idx, "train")
         # the SFT term's scale needs the whole global batch's counts, which only these batches carry
@@ -143,23 +143,24 @@ def prepare_inputs(cfg: DictConfig, world_size: int):
     if cfg.model.source != "random":
         hub.model_config_for(cfg.model)
     tokenizer = Tokenizer.from_dir(hub.tokenizer_dir(cfg.model))
-    return model_cfg, tokenizer, prepare_preferences(cfg.data, tokenizer, seed=int(cfg.seed))
+    return model_cfg, tokenizer, prepare_preferences(cfg.data, tokenizer, seed=cfg.seed)
 
 
 def _pad_multiple(rt) -> int:
     return rt.tp if rt.sp else 1  # sequence parallelism splits the sequence over TP ranks
 
 
-def packed_length(cfg, rt) -> int:
+def packed_length(data, rt) -> int:
     """Positions of a packed row of pairs: two rows of data.max_length (each a multiple of TP under SP)."""
-    return 2 * row_length(cfg, rt)
+    return 2 * row_length(data, rt)
 
 
 def pack_pairs(cfg, pairs, rt):
     """Bins of training-pair indices when data.packing is on (packed once, deterministically), else None."""
     if not cfg.data.get("packing", False):
         return None
-    return pack_for_training(cfg, [pair_positions(p) for p in pairs], packed_length(cfg, rt), rt, log, unit="pairs")
+    return pack_for_training(cfg.trainer, [pair_positions(p) for p in pairs], packed_length(cfg.data, rt), rt, log,
+                             unit="pairs")
 
 
 def pair_batches(indices: list[int], pairs, micro_batch_size: int, pad_id: int, rt, bins=None,
@@ -198,7 +199,7 @@ def build_reference(kind: str, cfg, model, model_cfg, rt, data, pad_id: int, che
         log.info("reference log-probabilities read from %s", checkpoint / ref.TABLES_FILE)
         return ref.Precomputed(tables)
     t0 = time.perf_counter()
-    mbs = int(cfg.trainer.micro_batch_size)
+    mbs = cfg.trainer.micro_batch_size
 
     def collate(pairs):
         return collate_pairs(pairs, pad_id, _pad_multiple(rt))
@@ -218,8 +219,8 @@ def _validator(cfg, model, reference, val_pairs, opts, pad_id: int, rt):
     to trainer.micro_batch_size pairs, each padded to its own longest row: evaluation has no collective
     over DP before the final sum of the metrics, so ranks may run different numbers of micro-batches."""
     tr = cfg.trainer
-    mbs = int(tr.micro_batch_size)
-    n = len(val_pairs) if tr.get("eval_samples") is None else min(int(tr.eval_samples), len(val_pairs))
+    mbs = tr.micro_batch_size
+    n = len(val_pairs) if tr.get("eval_samples") is None else min(tr.eval_samples, len(val_pairs))
     if n < 1:
         raise ConfigError(f"trainer.eval_samples={tr.eval_samples}: expected at least 1 validation pair")
     per_rank = math.ceil(n / rt.dp)

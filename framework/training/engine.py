@@ -135,7 +135,7 @@ def run(cfg: DictConfig, task: Task):
     rt, out, ckpts, resume_from = run_setup.open_run(cfg, log)
     model = wrap_ddp(build_pretrained(cfg, model_cfg, rt), bool(tr.get("distributed_optimizer", False)))
     job = Job(cfg, model_cfg, rt, model, out, resume_from, log)
-    order = BatchOrder(task.setup(job), int(tr.global_batch_size), seed=int(cfg.seed))
+    order = BatchOrder(task.setup(job), tr.global_batch_size, seed=cfg.seed)
     total_steps = run_setup.total_steps(tr, order)
     optimizer, scheduler = build_optimizer(model, tr, cfg.precision, total_steps=total_steps)
     trainable, total = count_parameters(model)
@@ -197,7 +197,7 @@ def run(cfg: DictConfig, task: Task):
         per_s = (loop.tokens - units_before) / seconds  # this invocation's throughput
         flops, memory = throughput.scalars(seconds), memory_gib(rt.device)  # TFLOP/s per GPU, MFU; GiB
         bar.update(1, loss=f"{report.loss:.4f}", lr=f"{lr:.2e}")
-        if step % int(tr.log_interval) == 0:
+        if step % tr.log_interval == 0:
             log.info("step %d/%d %s lr %.3e grad_norm %s %s/s %.0f%s memory %s", step, total_steps, report.text, lr,
                      "n/a" if grad_norm is None else f"{grad_norm:.3f}", task.unit, per_s,
                      Throughput.describe(flops), format_memory(memory))
@@ -207,7 +207,7 @@ def run(cfg: DictConfig, task: Task):
         ckpts.finalize(blocking=False)  # publish a background checkpoint save that every rank has finished
 
         improved = False
-        if step % int(tr.eval_interval) == 0 or step == total_steps:
+        if step % tr.eval_interval == 0 or step == total_steps:
             t_eval = time.perf_counter()
             val = task.validate()
             not_training += time.perf_counter() - t_eval

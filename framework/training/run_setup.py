@@ -32,21 +32,21 @@ def open_run(cfg: DictConfig, log: logging.Logger):
     store, the checkpoint to resume from (None: a fresh start), and, on rank 0, OUTPUT_DIR with the resolved
     config. Returns (runtime, output dir, Checkpoints, resume_from)."""
     par = cfg.parallel
-    rt = rtd.initialize(tp=int(par.tensor), pp=int(par.pipeline), sp=bool(par.sequence), seed=int(cfg.seed))
+    rt = rtd.initialize(tp=par.tensor, pp=par.pipeline, sp=par.sequence, seed=cfg.seed)
     out = Path(cfg.output_dir)
     ckpts = Checkpoints(out / "checkpoints", async_save=bool(cfg.trainer.get("async_save", False)))
-    resume_from = resume_point(cfg, ckpts, rt, log)
+    resume_from = resume_point(cfg.trainer, ckpts, rt, log)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     return rt, out, ckpts, resume_from
 
 
-def resume_point(cfg, ckpts: Checkpoints, rt, log: logging.Logger) -> Path | None:
+def resume_point(trainer, ckpts: Checkpoints, rt, log: logging.Logger) -> Path | None:
     """The checkpoint this run continues from (None: a fresh start), per trainer.resume. All ranks decide
     from the same files; then global rank 0 removes what an interrupted save left behind, and, for
     trainer.resume=never, the checkpoints of an earlier run in the same output_dir."""
-    resume = cfg.trainer.get("resume", "auto")
+    resume = trainer.resume
     point = ckpts.resume_point(resume)
     existing = ckpts.complete()
     if point is not None and resume != "auto" and point.parent == ckpts.root.absolute():
@@ -74,9 +74,9 @@ def resume_point(cfg, ckpts: Checkpoints, rt, log: logging.Logger) -> Path | Non
 def total_steps(tr, order) -> int:
     """The run's length: trainer.max_steps, or the steps that show every item of ``order`` (samples, pairs
     or packed bins) trainer.max_epochs times (rounded up), whichever is smaller."""
-    bounds = [] if tr.get("max_steps") is None else [int(tr.max_steps)]
-    if tr.get("max_epochs") is not None:
-        bounds.append(math.ceil(float(tr.max_epochs) * order.steps_per_epoch))
+    bounds = [] if tr.max_steps is None else [tr.max_steps]
+    if tr.max_epochs is not None:
+        bounds.append(math.ceil(tr.max_epochs * order.steps_per_epoch))
     return max(1, min(bounds))
 
 
@@ -103,7 +103,7 @@ def save_job_checkpoint(ckpts: Checkpoints, cfg, model_cfg, rt, log: logging.Log
         return save_train_state(directory / TRAIN_STATE_DIR, model=model, optimizer=optimizer, scheduler=scheduler,
                                 order=order, stopper=stopper, loop=loop, cfg=cfg, rt=rt, background=ckpts.async_save)
 
-    path = ckpts.save(loop.step, write, best=best, keep_last=cfg.trainer.get("keep_last"))
+    path = ckpts.save(loop.step, write, best=best, keep_last=cfg.trainer.keep_last)
     log.info("step %d checkpoint %s%s%s", loop.step, path, " (best validation loss so far)" if best else "",
              ": optimizer state being written in the background" if ckpts.pending else "")
     return path
@@ -134,13 +134,13 @@ def restore(cfg, point: Path, log: logging.Logger, *, model, optimizer, schedule
     return loop
 
 
-def packed_length(cfg, rt) -> int:
+def packed_length(data, rt) -> int:
     """Row length of packed batches: data.max_length rounded up to a multiple of TP under SP."""
     multiple = rt.tp if rt.sp else 1
-    return math.ceil(int(cfg.data.max_length) / multiple) * multiple
+    return math.ceil(data.max_length / multiple) * multiple
 
 
-def pack_for_training(cfg, lengths: list[int], size: int, rt, log: logging.Logger,
+def pack_for_training(trainer, lengths: list[int], size: int, rt, log: logging.Logger,
                       unit: str = "samples") -> list[list[int]]:
     """Bins of ``size`` positions over items of ``lengths`` positions (``framework.data.packing.pack``),
     refused on the Transformer Engine layer spec, with the efficiency logged; ``unit`` names the items."""
@@ -149,9 +149,9 @@ def pack_for_training(cfg, lengths: list[int], size: int, rt, log: logging.Logge
         raise ConfigError("data.packing=true is supported on the local (non-Transformer-Engine) layer spec "
                           "only; THD packed_seq_params for TE are not implemented")
     bins = pack(lengths, size)
-    if len(bins) < int(cfg.trainer.global_batch_size):
+    if len(bins) < trainer.global_batch_size:
         log.warning("packing: %d bins is fewer than trainer.global_batch_size=%d (a global batch is that many "
-                    "bins); batches will repeat bins", len(bins), int(cfg.trainer.global_batch_size))
+                    "bins); batches will repeat bins", len(bins), trainer.global_batch_size)
     if rt.is_main:
         log.info("packing: %d %s into %d bins of %d positions, efficiency %.1f%% (%.2f %s per bin)",
                  len(lengths), unit, len(bins), size, 100 * packing_efficiency(bins, lengths, size),

@@ -21,15 +21,17 @@ from megatron.core import parallel_state as ps
 from omegaconf import DictConfig
 
 from framework.checkpoint import hub
+from framework.checkpoint.model_checks import model_config
 from framework.checkpoint.model_loading import build_pretrained
 from framework.checkpoint.trained import load_trained
-from framework.data.batching import collate, micro_batches
+from framework.data.batching import collate_global_batch, micro_batches
 from framework.data.packing import collate_packed, sample_positions
 from framework.data.prepare import prepare_config, prepare_file
-from framework.data.seq2seq import collate_seq2seq, lengths, split, use_seq2seq_format
+from framework.data.seq2seq import use_seq2seq_format
 from framework.data.tokenizer import Tokenizer
 from framework.data.views import Padded, Subset
-from framework.inference.generate import greedy_generate, t5_greedy
+from framework.inference.generate import complete_sample
+from framework.models.registry import kind_of
 from framework.planner.memory import job_from_config, warn_if_unfit
 from framework.runtime import distributed as rtd
 from framework.runtime.errors import ConfigError
@@ -87,8 +89,8 @@ class SFTTask:
         # global_batch_size bins; see framework/data/packing.py for the semantics.
         self.bins = None
         if self.cfg.data.get("packing", False):
-            self.bins = pack_for_training(self.cfg, [sample_positions(s) for s in self.train_set],
-                                          packed_length(self.cfg, job.rt), job.rt, log)
+            self.bins = pack_for_training(self.cfg.trainer, [sample_positions(s) for s in self.train_set],
+                                          packed_length(self.cfg.data, job.rt), job.rt, log)
         self.device = next(job.model.parameters()).device
         self._forward_step = forward_step_fn(self.cfg.precision, self.device)
         self._validate = _validator(self.cfg, job.model, self.tokenizer, self.val_set, job.rt)
@@ -144,7 +146,7 @@ def prepare_inputs(cfg: DictConfig, world_size: int):
         hub.model_config_for(cfg.model)  # converts the bundled model once; checks model.arch against config.json
     _check_memory_plan(cfg, world_size)
     tokenizer = Tokenizer.from_dir(hub.tokenizer_dir(cfg.model))
-    data = prepare_config(cfg.data, tokenizer, seed=int(cfg.seed))  # train, validation (file or split), test
+    data = prepare_config(cfg.data, tokenizer, seed=cfg.seed)  # train, validation (file or split), test
     return model_cfg, tokenizer, data.train, data.validation, data.reports
 
 
@@ -154,8 +156,8 @@ def _check_memory_plan(cfg: DictConfig, world_size: int) -> None:
     if not torch.cuda.is_available():
         return
     par = cfg.parallel
-    tp, pp = int(par.tensor), int(par.pipeline)
-    warn_if_unfit(job_from_config(cfg), tp, pp, max(1, world_size // (tp * pp)), bool(par.sequence),
+    tp, pp = par.tensor, par.pipeline
+    warn_if_unfit(job_from_config(cfg), tp, pp, max(1, world_size // (tp * pp)), par.sequence,
                   torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, log)
 
 
@@ -164,24 +166,22 @@ def _batches(indices, dataset, cfg, tokenizer, rt, bins=None) -> list[dict]:
     multiple of TP). With ``bins`` (packing), ``indices`` are bin ids and every row is one packed bin of
     ``packed_length`` positions. An encoder-decoder model's samples pad their encoder inputs and labels to
     the global batch's longest; the decoder starts from the pad id (T5's ``decoder_start_token_id``)."""
-    mine = micro_batches(indices, ps.get_data_parallel_rank(), rt.dp, int(cfg.trainer.micro_batch_size))
+    mine = micro_batches(indices, ps.get_data_parallel_rank(), rt.dp, cfg.trainer.micro_batch_size)
     if bins is not None:
         return [collate_packed([[dataset[i] for i in bins[b]] for b in mb], tokenizer.pad_id,
-                               packed_length(cfg, rt)) for mb in mine]
-    multiple = rt.tp if rt.sp else 1
-    if cfg.data.get("format") == "seq2seq":  # encoder-decoder (T5): framework/data/seq2seq.py
-        se, sd = lengths([dataset[i] for i in indices])
-        return [collate_seq2seq([dataset[i] for i in mb], tokenizer.pad_id, tokenizer.pad_id, multiple,
-                                encoder_length=se, decoder_length=sd) for mb in mine]
-    longest = max(len(dataset[i].input_ids) - 1 for i in indices)
-    seq = math.ceil(longest / multiple) * multiple
-    return [collate([dataset[i] for i in mb], tokenizer.pad_id, seq_length=seq) for mb in mine]
+                               packed_length(cfg.data, rt)) for mb in mine]
+    return collate_global_batch(_kind(cfg), mine, indices, dataset, tokenizer.pad_id, rt.tp if rt.sp else 1)
+
+
+def _kind(cfg) -> str:
+    """The model's kind (framework/models/kinds.py): what its batches and completions look like."""
+    return kind_of(model_config(cfg)).name
 
 
 def _validator(cfg, model, tokenizer, val_set, rt):
     """A function giving the mean validation loss per target token over exactly the first
     trainer.eval_samples validation samples (all of them when unset), the same at every layout."""
-    n = len(val_set) if cfg.trainer.get("eval_samples") is None else min(int(cfg.trainer.eval_samples), len(val_set))
+    n = len(val_set) if cfg.trainer.get("eval_samples") is None else min(cfg.trainer.eval_samples, len(val_set))
     if n < 1:
         raise ConfigError(f"trainer.eval_samples={cfg.trainer.eval_samples}: validation needs at least one sample "
                           f"(validation samples available: {len(val_set)})")
@@ -193,7 +193,7 @@ def _mean_loss(samples, cfg, model, tokenizer, rt) -> float:
     """Mean loss per target token over ``samples``. The last micro-batch x DP group is filled with
     zero-target samples (``framework.data.views.Padded``): no sample is left out or counted twice, so the
     loss is the same at every layout."""
-    group = int(cfg.trainer.micro_batch_size) * rt.dp
+    group = cfg.trainer.micro_batch_size * rt.dp
     padded = Padded(samples, group)
     groups = [list(range(i, i + group)) for i in range(0, len(padded), group)]
     return evaluate(model, [mb for g in groups for mb in _batches(g, padded, cfg, tokenizer, rt)], cfg.precision)
@@ -216,7 +216,7 @@ def evaluate_adapter(cfg: DictConfig, adapter_dir: str) -> float:
     """Validation loss of the configured model with a saved adapter, as the job computes it."""
     model_cfg, tokenizer, _train, val_set, _reports = prepare_inputs(cfg, rtd.world_size_from_env())
     par = cfg.parallel
-    rt = rtd.initialize(tp=int(par.tensor), pp=int(par.pipeline), sp=bool(par.sequence), seed=int(cfg.seed))
+    rt = rtd.initialize(tp=par.tensor, pp=par.pipeline, sp=par.sequence, seed=cfg.seed)
     model = build_pretrained(cfg, model_cfg, rt)
     load_trained(model, adapter_dir, cfg.peft, model_cfg)
     return _validator(cfg, model, tokenizer, val_set, rt)()
@@ -225,16 +225,11 @@ def evaluate_adapter(cfg: DictConfig, adapter_dir: str) -> float:
 def _complete(cfg, model, tokenizer, val_set, rt) -> str | None:
     """Greedy completion of one held-out prompt (the prompt part of a validation sample; for an
     encoder-decoder model its encoder input, the prompt + eos)."""
-    n = int(cfg.generate.max_new_tokens)
+    n = cfg.generate.max_new_tokens
     if n <= 0:
         return None
-    sample = val_set[int(cfg.generate.sample) % len(val_set)]
-    multiple = rt.tp if rt.sp else 1
-    if cfg.data.get("format") == "seq2seq":
-        encoder, _ = split(sample)
-        return tokenizer.decode(t5_greedy(model, encoder, n, tokenizer.pad_id, tokenizer.eos_id, multiple))
-    prompt = [t for t, m in zip(sample.input_ids, sample.loss_mask) if not m]
-    return tokenizer.decode(greedy_generate(model, prompt, n, eos_id=tokenizer.eos_id, pad_multiple=multiple))
+    sample = val_set[cfg.generate.sample % len(val_set)]
+    return complete_sample(_kind(cfg), model, sample, tokenizer, n, rt.tp if rt.sp else 1)
 
 
 def summary_table(r: RunResult, rt) -> str:
