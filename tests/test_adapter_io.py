@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from launch.spawn import run_distributed
+from tests.tolerances import FORWARD_REL
 
 CFG = dict(vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
            ffn_hidden_size=128)
@@ -212,7 +213,8 @@ def test_adapter_saved_at_tp2_loads_at_tp1_and_pp2(tmp_path):
 
     r = run_distributed(_load_at_tp1, 1, str(d), tmp_path, timeout=120)[0]
     scale = tp2_logits.abs().max()
-    assert (r["logits"] - tp2_logits).abs().max() / scale < 1e-5, "TP=1 logits differ from TP=2 logits"
+    # the TP=2 sums in another order: the rounding of reordered fp32 sums (tests/tolerances.py)
+    assert (r["logits"] - tp2_logits).abs().max() / scale < FORWARD_REL, "TP=1 logits differ from TP=2 logits"
     assert (r["base_logits"] - tp2_logits).abs().max() / scale > 1e-3, "the adapter did not change the logits"
     assert r["same_init"], "A's initialisation depends on the TP layout"
     assert r["only_lora"] and r["n_trainable"] == 2 * (6 * 64 + 128 * 6 + 6 * 64 + 64 * 6 + 6 * 64 + 256 * 6

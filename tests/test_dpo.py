@@ -11,8 +11,9 @@ the base, ours a frozen copy or precomputed log-probs; every weight's gradient c
 names). TRL 1.16 has no label-smoothed sigmoid loss; conservative DPO is checked against its
 ``(2 - 2e) sigmoid - (1 - 2e) robust`` combination, an identity (framework/training/dpo.py).
 
-Layouts: the same loss, metrics and LoRA gradients at TP=2+SP, PP=2 and DP=2 as in one process.
-Packing: pairs packed two to a row give the unpacked loss, metrics and gradients (1e-5) at TP=1, TP=2+SP,
+Layouts: the same loss, metrics and LoRA gradients at TP=2+SP, PP=2 and DP=2 as in one process, within the
+rounding of reordered fp32 sums (tests/tolerances.py: DPO_ATOL for the metrics, GRAD_REL for gradients).
+Packing: pairs packed two to a row give the unpacked loss, metrics and gradients (as tight) at TP=1, TP=2+SP,
 PP=2, DP=2 and TP=2+SP x DP=2 (LoRA), and TRL's with full parameters (frozen copy at TP=2+SP, precomputed log-probs).
 Learning: a short LoRA run on the bundled arithmetic pairs raises the training reward accuracy well above
 chance. Data: the bad-record kinds are errors naming file:line or counted skips; truncation keeps one
@@ -31,6 +32,7 @@ import torch
 
 from launch.spawn import run_distributed
 from tests.hf_models import fill_trainable, tiny_llama
+from tests.tolerances import DPO_ATOL, GRAD_REL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -362,19 +364,21 @@ def test_layouts_match_single_process(models, lora_single, tmp_path, tp, pp, sp,
     variants = ["sigmoid", "ipo"]
     results = run_distributed(_ours_worker, world, tp, pp, sp, micro, str(models / "base"), variants, str(tmp_path),
                               adapter_dir=str(models / "adapter"), timeout=250)
-    _assert_same_as_single(results, lora_single, models, tmp_path, variants, 1e-6,
+    _assert_same_as_single(results, lora_single, models, tmp_path, variants,
                            f"TP={tp} PP={pp} SP={sp} DP={world // (tp * pp)}")
 
 
-def _assert_same_as_single(results, lora_single, models, grad_root, variants, tol, what):
-    """Every rank's metrics and the LoRA gradients under ``grad_root`` equal the single process's (unpacked)."""
+def _assert_same_as_single(results, lora_single, models, grad_root, variants, what):
+    """Every rank's metrics and the LoRA gradients under ``grad_root`` equal the single process's (unpacked),
+    within the rounding of reordered fp32 sums: DPO_ATOL absolute on the metrics (differences of log-prob
+    sums of ~90 together), GRAD_REL of each gradient tensor's largest entry."""
     for rank, res in enumerate(results):
         for variant in variants:
             for k, v in lora_single[variant].items():
-                assert res[variant][k] == pytest.approx(v, rel=tol, abs=tol), f"{what} rank {rank} {variant} {k}"
+                assert res[variant][k] == pytest.approx(v, rel=0, abs=DPO_ATOL), f"{what} rank {rank} {variant} {k}"
     for variant in variants:
         _assert_grads(_adapter_grads(grad_root / variant), _adapter_grads(models / "lora_single" / variant),
-                      f"{variant} at {what}")
+                      f"{variant} at {what}", rel=GRAD_REL)
 
 
 # --- packing ---------------------------------------------------------------------------------------------------
@@ -389,14 +393,14 @@ PACKED_LENGTH = 36
                          ids=["tp1", "tp2-sp", "pp2", "dp2", "tp2-sp-dp2"])
 def test_packed_pairs_match_unpacked(models, lora_single, tmp_path, tp, pp, sp, world):
     """Pairs packed two to a row (one bin a micro-batch, so two micro-batches; at DP=2 one on each DP rank):
-    loss, rewards, log-probs and every LoRA gradient equal the unpacked single process within 1e-5 (and so
+    loss, rewards, log-probs and every LoRA gradient equal the unpacked single process (DPO_ATOL, GRAD_REL; so
     the packed single process, ``tp1``), for sigmoid, IPO (per-token means: the target counts are per
     segment) and the SFT term (the chosen segments' NLL, normalised by the global batch's chosen tokens,
     which each DP rank knows); the reference (adapters disabled) is computed on the packed rows too."""
     variants = ["sigmoid", "ipo", "sigmoid+sft"]
     results = run_distributed(_ours_worker, world, tp, pp, sp, 1, str(models / "base"), variants, str(tmp_path),
                               adapter_dir=str(models / "adapter"), packed_length=PACKED_LENGTH, timeout=250)
-    _assert_same_as_single(results, lora_single, models, tmp_path, variants, 1e-5, f"packed, TP={tp} PP={pp} SP={sp}")
+    _assert_same_as_single(results, lora_single, models, tmp_path, variants, f"packed, TP={tp} PP={pp} SP={sp}")
 
 
 def test_packed_pairs_by_hand():

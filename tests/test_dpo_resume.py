@@ -11,10 +11,11 @@ LoRA on packed pairs. Keep-last/best and early stopping follow the rules written
 validation losses.
 
 At another data-parallel size: one run carried through DP=2 (two processes, steps 1-2), DP=1 (step 3) and
-DP=2 again (step 4) gives the uninterrupted single process's metrics, validations and adapter within 1e-5
-(the reduction order differs between layouts), for LoRA (unpacked and packed) and for full parameters with
-precomputed reference log-probabilities and megatron's distributed optimizer (Adam state sharded over the
-DP ranks, resharded at each change). Packed LoRA trained at TP=2+SP x DP=2 gives the same single-process run.
+DP=2 again (step 4) gives the uninterrupted single process's metrics, validations and adapter within the
+rounding of reordered fp32 sums (the reduction order differs between layouts; tests/tolerances.py), for
+LoRA (unpacked and packed) and for full parameters with precomputed reference log-probabilities and
+megatron's distributed optimizer (Adam state sharded over the DP ranks, resharded at each change). Packed
+LoRA trained at TP=2+SP x DP=2 gives the same single-process run.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from launch.spawn import run_distributed
 from tests.hf_models import save_tiny_job_llama
 from tests.test_dpo import ROOT, tiny_dpo
 from tests.test_resume import assert_same_adapter, checkpoint_steps, pointer
+from tests.tolerances import DPO_ATOL, TRAINED_ATOL
 
 STEPS = 4
 METRICS = ("loss", "pair_loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logp_chosen",
@@ -95,11 +97,19 @@ def run_job(cfg, world=1, **kwargs):
     return results[0]
 
 
-def assert_same_run(ours, ref, tol=1e-6):
+def _sign_of_rounding(k, ref_metrics, tol):
+    """reward_accuracy counts the pairs whose margin is > 0. While the policy still equals the reference (every
+    reward within rounding of 0: before training, and at step 2, since the first step's warmup lr is 0) each
+    margin is rounding alone, and another layout or CPU gives it another sign."""
+    return k == "reward_accuracy" and max(abs(ref_metrics["reward_chosen"]), abs(ref_metrics["reward_rejected"])) <= tol
+
+
+def assert_same_run(ours, ref, tol=1e-6, layouts_differ=False):
     assert len(ours.history) == len(ref.history) == STEPS
     for step, (a, b) in enumerate(zip(ours.history, ref.history), 1):
         for k in METRICS:
-            assert a[k] == pytest.approx(b[k], abs=tol, rel=0), f"step {step}: {k} {a[k]} vs {b[k]}"
+            if not (layouts_differ and _sign_of_rounding(k, b, tol)):
+                assert a[k] == pytest.approx(b[k], abs=tol, rel=0), f"step {step}: {k} {a[k]} vs {b[k]}"
     for k in METRICS[:-3]:
         assert ours.val_after[k] == pytest.approx(ref.val_after[k], abs=tol, rel=0), k
 
@@ -199,18 +209,19 @@ def validations(run_dir):
 
 
 def assert_same_as_single_process(run, run_dir, ref, ref_dir, mode):
-    """Per-step metrics, lr and grad norm, the validations and the trained adapter within 1e-5."""
-    # the policy has moved from the reference by far more than the tolerance: equality within 1e-5 says something
+    """Per-step metrics, lr and grad norm, the validations (DPO_ATOL) and the trained adapter (TRAINED_ATOL)."""
+    # the policy has moved from the reference by far more than the tolerance: equality within it says something
     assert ref.status == "completed" and abs(ref.history[-1]["reward_chosen"]) > 1e-2, ref.history[-1]
     assert run.status == "completed"
-    assert_same_run(run, ref, tol=1e-5)
+    assert_same_run(run, ref, tol=DPO_ATOL, layouts_differ=True)
     for k in METRICS[:-3]:
-        assert run.val_before[k] == pytest.approx(ref.val_before[k], abs=1e-5, rel=0), k
+        if not _sign_of_rounding(k, ref.val_before, DPO_ATOL):
+            assert run.val_before[k] == pytest.approx(ref.val_before[k], abs=DPO_ATOL, rel=0), k
     ours, theirs = validations(run_dir), validations(ref_dir)
     assert [s for s, _ in ours] == [s for s, _ in theirs] == [2, 4]
-    assert [v for _, v in ours] == pytest.approx([v for _, v in theirs], abs=1e-5, rel=0)
+    assert [v for _, v in ours] == pytest.approx([v for _, v in theirs], abs=DPO_ATOL, rel=0)
     if mode.startswith("lora"):
-        assert_same_adapter(run_dir, ref_dir, atol=1e-5)
+        assert_same_adapter(run_dir, ref_dir, atol=TRAINED_ATOL)
 
 
 @pytest.mark.timeout(400)

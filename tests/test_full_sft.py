@@ -3,8 +3,8 @@
 The job trains every weight of a tiny HF Llama for three steps, once in a single process and once at DP=2
 with ``trainer.distributed_optimizer=true`` (Adam state and fp32 main weights sharded over the two ranks,
 gradients reduce-scattered, updated weights all-gathered). Same data order and starting weights: the losses
-and every updated weight agree within 1e-5; the weights saved at DP=2 (dist_checkpointing) reload at TP=2
-and give the single process's validation loss.
+and every updated weight agree within the rounding of reordered fp32 sums (tests/tolerances.py); the
+weights saved at DP=2 (dist_checkpointing) reload at TP=2 and give the single process's validation loss.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from launch.spawn import run_distributed
 from tests.hf_models import save_tiny_job_llama
 from tests.portable import to_numpy, to_torch
 from tests.test_finetune_job import _evaluate_adapter, _run_job, compose
+from tests.tolerances import FORWARD_REL, TRAINED_ATOL
 
 
 def _job_cfg(tiny_hf, tokenizer_dir, out, *extra):
@@ -66,15 +67,15 @@ def test_dp2_distributed_optimizer_matches_single_process(runs):
     losses, before, after, weights = dp2
     ref_losses, ref_before, ref_after, ref_weights = single
     assert os.path.basename(weights) == "weights" and os.path.isfile(os.path.join(weights, "config.yaml"))
-    assert before == pytest.approx(ref_before, rel=1e-6)
-    assert losses == pytest.approx(ref_losses, rel=1e-5)
-    assert after == pytest.approx(ref_after, rel=1e-5)
+    assert before == pytest.approx(ref_before, rel=FORWARD_REL)
+    assert losses == pytest.approx(ref_losses, rel=FORWARD_REL)
+    assert after == pytest.approx(ref_after, rel=FORWARD_REL)
     assert after < before
     start, ref, got = to_torch(run_distributed(_weights_worker, 1, hf, [ref_weights, weights], timeout=200)[0])
     assert ref.keys() == got.keys() == start.keys()
     for k in ref:
         assert not torch.equal(ref[k], start[k]), f"{k} was not trained"  # every parameter is trainable
-        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=0, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got[k], ref[k], atol=TRAINED_ATOL, rtol=0, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.mark.timeout(300)
@@ -84,7 +85,7 @@ def test_saved_weights_reload_at_another_tensor_parallel_size(runs, tiny_tokeniz
     hf, root, single, dp2 = runs
     cfg = _job_cfg(hf, tiny_tokenizer_dir, root / "eval_tp2", "parallel.tensor=2")
     reloaded = run_distributed(_evaluate_adapter, 2, cfg, dp2[3], timeout=250)[0]
-    assert reloaded == pytest.approx(single[2], rel=1e-5)
+    assert reloaded == pytest.approx(single[2], rel=FORWARD_REL)
 
 
 def _sharding_worker():
@@ -143,5 +144,5 @@ def test_resume_with_the_distributed_optimizer_at_another_dp_size(runs, tiny_tok
     assert status == "paused" and len(first) == 2
     status, losses, after, resumed_from = run_distributed(_run_full, 1, _job_cfg(*args), timeout=280)[0]
     assert status == "completed" and resumed_from.endswith("step-000002")
-    assert losses == pytest.approx(single[0], rel=1e-5)
-    assert after == pytest.approx(single[2], rel=1e-5)
+    assert losses == pytest.approx(single[0], rel=FORWARD_REL)
+    assert after == pytest.approx(single[2], rel=FORWARD_REL)

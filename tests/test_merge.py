@@ -20,6 +20,7 @@ import torch
 from launch.spawn import run_distributed
 from tests.hf_models import tiny_llama
 from tests.test_peft_methods import fill_adapter
+from tests.tolerances import FORWARD_REL
 
 SEQ = 8
 LAYERS = ["qkv", "proj", "fc1", "fc2"]
@@ -218,8 +219,10 @@ def test_named_adapters_switch_save_and_load_by_name(hf_dir, tmp_path):
     tp2 = res[0]["logits"]
     loaded = run_distributed(_named_load_worker, 1, hf_dir, tmp_path, timeout=200)[0]
     assert [loaded[n][0] for n in ("a", "b", "c")] == ["lora", "ia3", "dora"]
+    # TP=1 adds the TP=2 sums in another order: FORWARD_REL (tests/tolerances.py) of the logits' terms, whose
+    # scale is ~1 here (64 normed activations times output weights of ~0.02)
     for name in ("a", "b", "c"):
         diff = (loaded[name][1] - tp2[name]).abs().max().item()
-        assert diff < 1e-5, f"adapter {name} saved at TP=2 and loaded at TP=1: logits differ by {diff:.3g}"
-    assert (loaded["b_again"] - tp2["b"]).abs().max().item() < 1e-5
-    assert (loaded["base"] - tp2["base"]).abs().max().item() < 1e-5
+        assert diff < FORWARD_REL, f"adapter {name} saved at TP=2 and loaded at TP=1: logits differ by {diff:.3g}"
+    assert (loaded["b_again"] - tp2["b"]).abs().max().item() < FORWARD_REL
+    assert (loaded["base"] - tp2["base"]).abs().max().item() < FORWARD_REL

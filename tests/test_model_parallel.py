@@ -6,9 +6,10 @@ global batch whose samples have very different numbers of target tokens. Each la
 forward/backward through megatron's schedule, DDP and gradient finalisation; adapter gradients are
 gathered unsharded by the adapter writer (gradients copied into the parameters first).
 
-Tolerances (fp32): loss within 1e-6 relative; every gradient within atol 1e-6 + rtol 1e-4 of the
-single-process run. Reduction order is the only difference between layouts; a wrong communication
-gives errors of order 1 (see tests/test_lora_layer.py for the layer-level proof).
+Tolerances (fp32, tests/tolerances.py): loss within FORWARD_REL (1e-5) relative; every gradient within
+GRAD_REL (1e-4) of its tensor's largest entry in the single-process run. Reduction order is the only
+difference between layouts, on any CPU; a wrong communication gives errors of order 1 (see
+tests/test_lora_layer.py for the layer-level proof).
 """
 
 import os
@@ -18,6 +19,7 @@ import torch
 
 from launch.spawn import run_distributed
 from tests.hf_models import fill_trainable
+from tests.tolerances import FORWARD_REL, GRAD_REL
 
 ARCH = dict(vocab_size=256, hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2,
             ffn_hidden_size=128, kv_channels=16, max_position_embeddings=256, rotary_base=10000.0,
@@ -134,9 +136,10 @@ def test_layout_matches_single_process(reference, tp, pp, sp, world, micro):
     assert ref_n == 1 + 15 + 4 + 9
     for loss, n in results:
         assert n == ref_n
-        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        assert loss == pytest.approx(ref_loss, rel=FORWARD_REL)
     grads = _load(grad_dir)
     assert grads.keys() == ref_grads.keys()
     assert any(g.abs().sum() > 0 for k, g in ref_grads.items() if "lora_A" in k), "A must receive gradients"
     for k, ref in ref_grads.items():
-        torch.testing.assert_close(grads[k], ref, atol=1e-6, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(grads[k], ref, atol=GRAD_REL * ref.abs().max().item(), rtol=0,
+                                   msg=lambda m: f"{k}: {m}")

@@ -10,6 +10,7 @@ from framework.data.packing import collate_packed, pack, packing_efficiency
 from framework.data.sample import Sample
 from launch.spawn import run_distributed
 from tests.hf_models import fill_trainable, save_tiny_job_llama
+from tests.tolerances import FORWARD_REL, GRAD_REL
 
 LORA = dict(rank=4, alpha=8.0, dropout=0.0, targets=["qkv", "proj", "fc1", "fc2"])
 SHAPE = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -169,13 +170,15 @@ def test_packed_matches_unpacked(unpacked, tp, sp, world):
     assert ref_n == sum(s.num_targets - s.loss_mask[0] for s in _samples())
     for per_sample, loss, n in results:
         assert n == ref_n
-        torch.testing.assert_close(torch.tensor(per_sample), torch.tensor(ref_per_sample), atol=1e-5, rtol=1e-5)
-        assert loss == pytest.approx(ref_loss, abs=1e-5)
+        # packing reorders the softmax and loss sums: the rounding of reordered fp32 sums (tests/tolerances.py)
+        torch.testing.assert_close(torch.tensor(per_sample), torch.tensor(ref_per_sample), atol=0, rtol=FORWARD_REL)
+        assert loss == pytest.approx(ref_loss, rel=FORWARD_REL, abs=0)
     grads = _load(grad_dir)
     assert grads.keys() == ref_grads.keys()
     assert any(g.abs().sum() > 0 for k, g in ref_grads.items() if "lora_A" in k)
     for k, ref in ref_grads.items():
-        torch.testing.assert_close(grads[k], ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(grads[k], ref, atol=GRAD_REL * ref.abs().max().item(), rtol=0,
+                                   msg=lambda m: f"{k}: {m}")
 
 
 @pytest.mark.timeout(120)

@@ -9,7 +9,8 @@ HF PEFT's parameter names). On one batch whose rows carry very different numbers
   here from HF's logits with the virtual positions dropped, as HF PEFT's -100 labels do) and the gradients
   of every prompt parameter equal HF's (fp32: 1e-4 of the gradient's scale).
 * TP=2 with SP (n + s = 21 is odd: the extension pads to 22) and PP=2: logits, loss and gradients equal our
-  single-process run (atol 1e-6 + rtol 1e-4, as tests/test_model_parallel.py).
+  single-process run (tests/tolerances.py: FORWARD_REL for losses and logits, GRAD_REL of each gradient's
+  largest entry, as tests/test_model_parallel.py).
 * Packing: two samples packed into one row give the same loss and prompt gradients as the two alone.
 * Export: P-tuning's saved table loads into a prompt-tuning model and gives the P-tuning model's logits.
 * Job: a short fine-tune of each method reduces the validation loss, and the saved adapter reloads to the
@@ -27,6 +28,7 @@ import torch
 from launch.spawn import run_distributed
 from tests.hf_models import tiny_llama
 from tests.portable import to_numpy, to_torch
+from tests.tolerances import FORWARD_REL, GRAD_REL
 
 N_VIRTUAL, SEQ, GLOBAL_BATCH, MICRO = 5, 16, 4, 1
 VOCAB = 256
@@ -170,12 +172,13 @@ def test_layout_matches_single_process(setup, tp, pp, sp):
         ref_logits, ref_loss, ref_n, ref_grads = single[name]
         for rank, res in enumerate(results):
             logits, loss, n, grads = res[name]
-            assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-6), (name, rank)
+            assert n == ref_n and loss == pytest.approx(ref_loss, rel=FORWARD_REL), (name, rank)
             if logits is not None:
-                torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+                # a logit sums 64 normed activations (~1) times output weights (~0.02 each): terms of scale ~1
+                torch.testing.assert_close(logits, ref_logits, atol=FORWARD_REL * 1.0, rtol=0)
             if grads is not None:  # ranks of the first stage hold the prompt
                 for k, ref in ref_grads.items():
-                    torch.testing.assert_close(grads[k], ref, atol=1e-6, rtol=1e-4,
+                    torch.testing.assert_close(grads[k], ref, atol=GRAD_REL * ref.abs().max().item(), rtol=0,
                                                msg=lambda m: f"{name} rank {rank} grad {k}: {m}")
         first_stage = [r[name][3] is not None for r in results]
         assert first_stage == ([True, True] if tp == 2 else [True, False])
@@ -214,9 +217,10 @@ def test_packed_rows_see_the_virtual_tokens_as_separate_samples(setup):
     (ul, un, ug), (pl, pn, pg) = to_torch(run_distributed(_packing_worker, 1, hf_dir, refs["ptuning_mlp"][3],
                                                           timeout=180)[0])
     assert un == pn == 7 + 5
-    assert pl == pytest.approx(ul, rel=1e-6)
+    assert pl == pytest.approx(ul, rel=FORWARD_REL)  # packing reorders the sums: tests/tolerances.py
     for k, ref in ug.items():
-        torch.testing.assert_close(pg[k], ref, atol=1e-6, rtol=1e-4, msg=lambda m: f"grad {k}: {m}")
+        torch.testing.assert_close(pg[k], ref, atol=GRAD_REL * ref.abs().max().item(), rtol=0,
+                                   msg=lambda m: f"grad {k}: {m}")
 
 
 def test_extend_batch_by_hand():
