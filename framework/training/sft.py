@@ -21,7 +21,6 @@ from megatron.core import parallel_state as ps
 from omegaconf import DictConfig
 
 from framework.checkpoint import hub
-from framework.checkpoint.model_checks import model_config
 from framework.checkpoint.model_loading import build_pretrained
 from framework.checkpoint.trained import load_trained
 from framework.data.batching import collate_global_batch, micro_batches
@@ -31,7 +30,7 @@ from framework.data.seq2seq import use_seq2seq_format
 from framework.data.tokenizer import Tokenizer
 from framework.data.views import Padded, Subset
 from framework.inference.generate import complete_sample
-from framework.models.registry import kind_of
+from framework.models.registry import get_family
 from framework.planner.memory import job_from_config, warn_if_unfit
 from framework.runtime import distributed as rtd
 from framework.runtime.errors import ConfigError
@@ -174,8 +173,9 @@ def _batches(indices, dataset, cfg, tokenizer, rt, bins=None) -> list[dict]:
 
 
 def _kind(cfg) -> str:
-    """The model's kind (framework/models/kinds.py): what its batches and completions look like."""
-    return kind_of(model_config(cfg)).name
+    """The model's kind (framework/models/kinds.py): what its batches and completions look like (a lookup
+    by the family's name, cheap enough for every batch)."""
+    return get_family(cfg.model.arch.family).kind.name
 
 
 def _validator(cfg, model, tokenizer, val_set, rt):
