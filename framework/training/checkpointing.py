@@ -6,7 +6,7 @@
                            best                         text file: the checkpoint with the best validation loss
 
 Crash safety. A checkpoint is written into a hidden ``.step-NNNNNN.tmp-*`` directory beside its final
-name and renamed into place (``framework/checkpoint/atomic.py``) only after every rank has finished and
+name and renamed into place (``framework/runtime/atomic.py``) only after every rank has finished and
 ``train_state/state.json`` (written last) exists; then ``latest`` (and ``best``) are replaced atomically
 (a temporary file + ``os.replace``). A process killed at any moment therefore leaves the previous complete
 checkpoint under its name and at most a hidden temporary directory, which is ignored and removed when the
