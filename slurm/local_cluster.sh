@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real one-node Slurm cluster on localhost, everything in one scratch directory: for trying the sbatch
-# templates without a cluster, and for tests/test_slurm.py. Needs root and Debian's packages:
+# templates without a cluster, and for tests/launch/test_slurm.py. Needs root and Debian's packages:
 #   apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
 #
 #   slurm/local_cluster.sh start DIR     # munged + slurmctld + slurmd, ready in about 10 s

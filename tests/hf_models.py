@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face Llama models: the reference every parity and conversion test compares with."""
+"""Tiny random Hugging Face Llama models: the reference every parity and conversion test compares with; and
+seeded non-zero values for the trainable (adapter) tensors of a model, ours or HF PEFT's."""
 
 import torch
 
@@ -45,3 +46,23 @@ def fill_trainable(model, seed: int = 2, scale: float = 0.05):
     for p in model.parameters():
         if p.requires_grad:
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@torch.no_grad()
+def fill_adapter(model, seed: int, share=lambda name: name) -> None:
+    """Seeded non-zero values for the trainable adapter tensors: IA3 vectors around 1, DoRA magnitudes
+    perturbed around their initial norms, everything else 0.1 N(0, 1). Names that ``share`` maps to one key
+    get one draw (HF's q/k/v A factors standing for our fused one). The same draw on every TP rank keeps
+    replicated tensors equal."""
+    g = torch.Generator().manual_seed(seed)
+    shared = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        noise = torch.randn(p.shape, generator=g)
+        if "ia3_" in name:
+            p.copy_(1 + 0.3 * noise)
+        elif "lora_magnitude_vector" in name:
+            p.mul_(1 + 0.2 * noise)
+        else:
+            p.copy_(shared.setdefault(share(name), 0.1 * noise))

@@ -7,6 +7,9 @@ encodes (no unknown tokens) and decodes back exactly.
 ``Tokenizer.vocab_size`` is exactly ``vocab_size`` (specials included): the trainer fills it with merges
 and, should the corpus run out of merges, reserved ``<extra_i>`` tokens make up the difference.
 Training takes well under a second on one core.
+
+``make_family_tokenizer(base_dir, out_dir, family)`` copies it with a model family's special tokens added and
+that family's chat template (tests/fixtures/chat_templates/) in its config, for the chat-format tests.
 """
 
 from __future__ import annotations
@@ -19,6 +22,18 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS_FILES = (ROOT / "data" / "humaneval" / "train.jsonl", ROOT / "data" / "humaneval" / "val.jsonl")
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte + the specials
+FIXTURES = ROOT / "tests" / "fixtures"
+TEMPLATES = FIXTURES / "chat_templates"
+
+# per template: (special tokens, non-special added tokens, bos, eos) as in the real tokenizers
+CHAT_FAMILIES = {
+    "llama3_instruct": (["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], [],
+                        "<|begin_of_text|>", "<|eot_id|>"),
+    "mistral_instruct": ([], [], "<s>", "</s>"),
+    "gemma_it": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], [], "<bos>", "<eos>"),
+    "qwen2_5_tools": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ["<tool_call>", "</tool_call>"],
+                      None, "<|im_end|>"),
+}
 
 
 def corpus() -> list[str]:
@@ -57,3 +72,21 @@ def make_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512) -> Pa
               "pad_token": "<pad>", "add_bos_token": False, "add_eos_token": False, "model_max_length": 1024}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def make_family_tokenizer(base_dir: Path, out_dir: Path, family: str) -> Path:
+    """A copy of the tiny tokenizer with the family's special tokens added and its template in the config."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as Backend
+
+    specials, plain, bos, eos = CHAT_FAMILIES[family]
+    tok = Backend.from_file(str(base_dir / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if plain:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+              "chat_template": (TEMPLATES / f"{family}.jinja").read_text(encoding="utf-8")}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return out_dir

@@ -21,7 +21,7 @@ Measured on a 2-core AVX512 machine with ATen's AVX512, AVX2 and scalar kernels 
 SSE4.2 paths selected (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS): DPO metrics at TP=2+SP, PP=2, DP=2
 and packed moved by at most 1.9e-6 (a tenth of DPO_ATOL; the IPO margin by 1.7e-6, where the earlier
 tolerance of 1e-6 failed), DPO LoRA gradients by 1.7e-5 of their largest entry (packed pairs at TP=2+SP,
-a sixth of GRAD_REL), the LoRA gradients of tests/test_model_parallel.py by 1.1e-6 and its loss by 5e-8.
+a sixth of GRAD_REL), the LoRA gradients of tests/models/test_model_parallel.py by 1.1e-6 and its loss by 5e-8.
 """
 
 EPS = 2.0 ** -23  # 1.19e-7, torch.finfo(torch.float32).eps

@@ -16,7 +16,7 @@ length for T5), computed from the TP-sharded logits without gathering them; the 
 For T5, encoder padding is hidden from the encoder's self-attention and the decoder's cross-attention
 (megatron's boolean mask, True = hidden, [b, 1, 1, s_enc]); the decoder is causal, so its right padding is
 never seen. Transformers' ``T5ForConditionalGeneration(labels=...)`` computes the same mean over the labels
-that are not -100 (tests/test_t5_job.py checks loss and LoRA gradients against it).
+that are not -100 (tests/training/test_t5_job.py checks loss and LoRA gradients against it).
 """
 
 from __future__ import annotations

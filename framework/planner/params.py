@@ -1,7 +1,7 @@
 """Parameter counts of a ModelConfig, from the shapes alone (no model is built): of the whole model, or of
 one tensor-parallel rank at TP = t.
 
-Counted as megatron-core holds them (what tests/test_planner.py checks against built models)::
+Counted as megatron-core holds them (what tests/planner/test_planner.py checks against built models)::
 
     embedding       V h / t  (+ P h learned positions, whole on every rank)
     per layer       norms: h each (+ h bias for LayerNorm), whole on every rank; two, one for a parallel

@@ -1,0 +1,1 @@
+"""Tests of framework/checkpoint: adapters, archives, streaming conversion, HF PEFT adapters both ways."""

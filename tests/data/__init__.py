@@ -1,0 +1,1 @@
+"""Tests of framework/data: records, tokenizer, chat templates, the tokenise-once cache, packing, preference pairs."""

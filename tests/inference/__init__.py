@@ -1,0 +1,1 @@
+"""Tests of framework/inference: generation and evaluation against transformers and HF PEFT."""

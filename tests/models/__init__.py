@@ -1,0 +1,1 @@
+"""Tests of framework/models: every family against transformers, layouts, KV replication, RoPE scaling, precision."""

@@ -1,0 +1,1 @@
+"""Tests of framework/planner: parameter counts and the memory estimate."""

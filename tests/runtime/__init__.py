@@ -1,0 +1,1 @@
+"""Tests of framework/runtime: the CPU compatibility layer and the launcher's environment."""

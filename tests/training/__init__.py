@@ -1,0 +1,1 @@
+"""Tests of framework/training: the job engine, SFT jobs, resume, async saves, optimizer, tracking, train state."""
