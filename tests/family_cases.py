@@ -5,9 +5,9 @@
 2. HF -> our checkpoint -> HF through the converter CLIs' ``convert`` functions is bitwise, and
    transformers loads the result.
 
-A family's test file builds tiny random HF models from configs (``randomized`` makes the norms and
-biases non-trivial, which would otherwise hide a misplaced tensor) and calls :func:`check_parity` and
-:func:`check_roundtrip`.
+tests/models/test_families.py builds tiny random HF models from configs (tests/family_models.py;
+``randomized`` makes the norms and biases non-trivial, which would otherwise hide a misplaced tensor) and
+calls :func:`check_parity` and :func:`check_roundtrip` for each family of its table.
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ def save_cases(root: Path, models: dict, shard_one: str | None = None) -> list:
     return cases
 
 
-def parity_worker(tp: int, pp: int, cases, sp: bool = False):
-    """Each rank: build our stage for each case's config.json, load the HF weights, return max |diff|."""
+def parity_worker(tp: int, pp: int, cases, sp: bool = False, micro_batch_size: int | None = None):
+    """Each rank: build our stage for each case's config.json, load the HF weights, return max |diff|
+    (``micro_batch_size``: the forward's micro-batches, by default the whole batch in one)."""
     from framework.checkpoint.hf_import import load_hf_into_gpt
     from framework.inference.logits import forward_logits
     from framework.models.registry import build_model, config_from_hf
@@ -79,15 +80,16 @@ def parity_worker(tp: int, pp: int, cases, sp: bool = False):
         model = build_model(cfg, tp=tp, pp=pp, sp=sp)
         load_hf_into_gpt(model, hf_dir, cfg)
         model.eval()
-        logits = forward_logits(model, tokens)
+        logits = forward_logits(model, tokens, micro_batch_size=micro_batch_size)
         assert logits.shape == expected.shape, (name, tuple(logits.shape), tuple(expected.shape))
         diffs[name] = (logits - expected).abs().max().item()
     return diffs
 
 
-def check_parity(cases, tp: int, pp: int, sp: bool = False, timeout: float = 200) -> None:
+def check_parity(cases, tp: int, pp: int, sp: bool = False, timeout: float = 200,
+                 micro_batch_size: int | None = None) -> None:
     world = tp * pp
-    results = run_distributed(parity_worker, world, tp, pp, cases, sp, timeout=timeout)
+    results = run_distributed(parity_worker, world, tp, pp, cases, sp, micro_batch_size, timeout=timeout)
     assert len(results) == world
     for rank, diffs in enumerate(results):
         for name, diff in diffs.items():
