@@ -17,7 +17,7 @@ under the policy for the chosen / rejected response, ``rc`` / ``rr`` under the r
 The loss of a global batch is the mean of the pair loss over its pairs, plus, with ``sft_weight`` w > 0,
 w times the negative log-likelihood of the chosen responses averaged over all their target tokens in the
 global batch (RPO; TRL's ``sft`` loss). With e = 0 these are TRL 1.16's ``sigmoid``, ``robust`` and ``ipo``
-losses exactly (tests/test_dpo.py); cDPO equals TRL's ``(2 - 2e) sigmoid - (1 - 2e) robust``.
+losses exactly (tests/training/dpo/test_loss.py); cDPO equals TRL's ``(2 - 2e) sigmoid - (1 - 2e) robust``.
 
 Parallelism. Chosen and rejected go through the model in one batch: a micro-batch of m pairs is 2m rows,
 the m chosen first (``collate_pairs``). The model's forward with labels returns megatron's vocab-parallel

@@ -1,7 +1,7 @@
 """QLoRA + DPO: the policy is LoRA over an NF4 base, the reference the same network with its adapters off
 (the NF4 base itself, no second copy).
 
-Parity. TRL 1.16's own loss code (``DPOTrainer._compute_loss``, through tests/test_dpo.py's stand-in trainer)
+Parity. TRL 1.16's own loss code (``DPOTrainer._compute_loss``, through tests/dpo_cases.py's stand-in trainer)
 runs on log-probabilities that this test computes by hand from our QLoRA model's full logits (log-softmax,
 the next-token labels, masked to the responses): the policy with its adapters, the reference inside
 ``adapters_disabled``, plain autograd for the gradients. Our DPO step (megatron's schedule, the
@@ -23,18 +23,13 @@ import pytest
 import torch
 
 from launch.spawn import run_distributed
-from tests.hf_models import fill_trainable, save_tiny_job_llama, tiny_llama
-from tests.training.dpo.test_dpo import (ROOT, SHAPE, VARIANTS, _assert_metrics, _build, _examples, _pairs, _run_job, tiny_dpo,
-                            trl_dpo)
+from tests.hf_models import fill_trainable, tiny_llama
+from tests.dpo_cases import (ROOT, SHAPE, VARIANTS, as_pairs, assert_metrics, build_from_hf, fixed_examples, run_dpo,
+                             tiny_dpo, trl_dpo)
 
 QLORA = dict(method="qlora", rank=4, alpha=8.0, dropout=0.0, rslora=False, targets=["qkv", "proj", "fc1", "fc2"],
              block_size=64, scaler_block_size=256)
 CHECKED = ["sigmoid", "ipo"]
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    return save_tiny_job_llama(tmp_path_factory.mktemp("tiny_hf"))
 
 
 class HandLogProbs(torch.nn.Module):
@@ -70,7 +65,7 @@ def _qlora_model(base_dir):
 
     from framework.peft.registry import apply_peft
 
-    model, cfg = _build(base_dir, 1, 1, False)
+    model, cfg = build_from_hf(base_dir, 1, 1, False)
     apply_peft(model, OmegaConf.create(QLORA), cfg)
     fill_trainable(model, seed=2, scale=0.2)
     return model
@@ -87,7 +82,7 @@ def _worker(base_dir):
     from framework.training.optim import wrap_ddp
 
     rt = initialize(tp=1, pp=1, seed=0)
-    examples, pairs = _examples(), _pairs(_examples())
+    examples, pairs = fixed_examples(), as_pairs(fixed_examples())
     hand = _qlora_model(base_dir)
     assert sum(isinstance(m, NF4Weight) for m in hand.modules()) == 4 * SHAPE["num_hidden_layers"]
     ours = wrap_ddp(_qlora_model(base_dir))  # the same weights and adapters (quantisation is deterministic)
@@ -95,7 +90,7 @@ def _worker(base_dir):
 
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    full, _ = _build(base_dir, 1, 1, False)  # the unquantised base
+    full, _ = build_from_hf(base_dir, 1, 1, False)  # the unquantised base
     inputs = DataCollatorForPreference(pad_token_id=0)(examples)
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
     with torch.no_grad():
@@ -128,7 +123,7 @@ def test_qlora_dpo_matches_trl_on_hand_computed_logprobs(tmp_path):
     assert quantisation_effect > 1e-3  # the reference is the NF4 base, not the full-precision one
     for variant, (loss, metrics, ours, grad_err, n_lora) in results.items():
         assert metrics["reward_margin"] != 0 and metrics["reward_accuracy"] not in (0.0, 1.0)  # a real test
-        _assert_metrics(ours, loss, metrics, f"qlora {variant}")
+        assert_metrics(ours, loss, metrics, f"qlora {variant}")
         assert n_lora == 4 * SHAPE["num_hidden_layers"] * 2  # A and B of every wrapped linear
         assert grad_err < 1e-5, f"qlora {variant}: LoRA gradients differ by {grad_err:.3g}"
 
@@ -143,7 +138,7 @@ def test_short_qlora_run_raises_reward_accuracy(tiny_hf, tiny_tokenizer_dir, tmp
     cfg = tiny_dpo(tiny_hf, tiny_tokenizer_dir, tmp_path / "run", "peft=qlora", "peft.rank=4", f"data.train={pairs}",
                    f"data.validation={pairs}", "data.validation_split=null", "trainer.eval_samples=32",
                    "trainer.max_steps=20", "trainer.eval_interval=100", "trainer.save_interval=null", "trainer.lr=5e-3")
-    history, before, after, trained = run_distributed(_run_job, 1, cfg, timeout=250)[0]
+    history, before, after, trained = run_distributed(run_dpo, 1, cfg, timeout=250)[0]
     assert before["reward_accuracy"] == 0 and before["loss"] == pytest.approx(0.693147, abs=1e-5)
     assert after["reward_accuracy"] >= 0.8 and after["reward_margin"] > 0 and after["loss"] < before["loss"], after
     assert os.path.isfile(os.path.join(trained, "adapter.safetensors"))

@@ -29,8 +29,7 @@ from pathlib import Path
 import pytest
 
 from launch.spawn import run_distributed
-from tests.hf_models import save_tiny_job_llama
-from tests.training.dpo.test_dpo import ROOT, tiny_dpo
+from tests.dpo_cases import ROOT, tiny_dpo
 from tests.sft_jobs import assert_same_adapter, checkpoint_steps, pointer
 from tests.tolerances import DPO_ATOL, TRAINED_ATOL
 
@@ -46,11 +45,6 @@ MODES = {
     # optimizer state written in megatron's background writer, published on finalize
     "lora-async_save": ["trainer.async_save=true"],
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    return save_tiny_job_llama(tmp_path_factory.mktemp("tiny_hf"))
 
 
 def dpo_cfg(tiny_hf, tokenizer_dir, out, *extra):
