@@ -8,7 +8,10 @@ Padding. Rows are padded on the right with ``pad_id`` and ``loss_mask = 0`` (so 
 and causal attention means real positions never see it), to the longest row rounded up to
 ``pad_to_multiple_of`` (sequence parallelism splits the sequence over TP ranks, so it must divide), or to
 a fixed ``seq_length``. Labels are padded with ``pad_id`` rather than -100: megatron's vocab-parallel
-cross entropy needs every label to be a valid id, and the mask already removes those positions.
+cross entropy needs every label to be a valid id, and the mask already removes those positions. A
+training step's micro-batches (``collate_global_batch``) share one length only where pipeline parallelism
+needs it; otherwise each is padded to its own longest row: the same loss over fewer positions when a
+global batch mixes short and long samples.
 
 Order. ``BatchOrder`` reads a fresh seeded permutation of all samples each epoch and cuts it into global
 batches; a batch that reaches the end of an epoch continues into the next one, so every sample is seen
@@ -154,18 +157,24 @@ def micro_batches(indices: list[int], dp_rank: int, dp_size: int, micro_batch_si
 
 
 def collate_global_batch(kind: str, micro_batch_indices: list[list[int]], indices: list[int], dataset,
-                         pad_id: int, multiple: int = 1) -> list[dict]:
-    """This rank's micro-batches (``micro_batch_indices``) of a global batch (``indices``), every one padded
-    to the global batch's longest (rounded up to ``multiple``): pipeline parallelism needs one shape per step,
-    and every rank pads alike. ``kind`` is the model's (framework/models/kinds.py): a decoder-only model
-    takes shifted token rows (:func:`collate`); an encoder-decoder model its encoder inputs and labels
-    (framework/data/seq2seq.py), the decoder starting from the pad id (T5's ``decoder_start_token_id``)."""
+                         pad_id: int, multiple: int = 1, same_length: bool = True) -> list[dict]:
+    """This rank's micro-batches (``micro_batch_indices``) of a global batch (``indices``), padded to a
+    multiple of ``multiple``. ``same_length``: every one to the global batch's longest, so that every
+    micro-batch of every rank has one shape (pipeline parallelism sends activations of one shape per step);
+    otherwise each to its own longest: without a pipeline nothing needs one shape, the loss is the same
+    (padding carries none) and the shorter micro-batches cost less. ``kind`` is the model's
+    (framework/models/kinds.py): a decoder-only model takes shifted token rows (:func:`collate`); an
+    encoder-decoder model its encoder inputs and labels (framework/data/seq2seq.py), the decoder starting
+    from the pad id (T5's ``decoder_start_token_id``)."""
     if kind == "encoder_decoder":
         from framework.data.seq2seq import collate_seq2seq, lengths
 
-        se, sd = lengths([dataset[i] for i in indices])
+        # None: each micro-batch its own lengths
+        se, sd = lengths([dataset[i] for i in indices]) if same_length else (None, None)
         return [collate_seq2seq([dataset[i] for i in mb], pad_id, pad_id, multiple, encoder_length=se,
                                 decoder_length=sd) for mb in micro_batch_indices]
+    if not same_length:
+        return [collate([dataset[i] for i in mb], pad_id, pad_to_multiple_of=multiple) for mb in micro_batch_indices]
     longest = max(len(dataset[i].input_ids) - 1 for i in indices)
     seq = math.ceil(longest / multiple) * multiple
     return [collate([dataset[i] for i in mb], pad_id, seq_length=seq) for mb in micro_batch_indices]

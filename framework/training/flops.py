@@ -118,10 +118,13 @@ class Throughput:
         self.flops: float | None = 0.0 if countable else None  # None: not counted (encoder-decoder)
 
     def add_step(self, rows: int, micro_batches: list[dict]) -> None:
-        """A training step over ``rows`` global rows, padded as this rank's ``micro_batches`` are (every
-        micro-batch of a step has the same length)."""
+        """A training step over ``rows`` global rows, padded as this rank's ``micro_batches`` are (without
+        pipeline parallelism each micro-batch has its own length; the other data-parallel ranks' rows are
+        counted at this rank's lengths)."""
         if self.flops is not None:
-            self.flops += step_flops(self.model_cfg, self.peft, rows, micro_batches[0]["tokens"].shape[1])
+            here = sum(mb["tokens"].shape[0] for mb in micro_batches)
+            self.flops += sum(step_flops(self.model_cfg, self.peft, mb["tokens"].shape[0] * rows / here,
+                                         mb["tokens"].shape[1]) for mb in micro_batches)
 
     def scalars(self, seconds: float) -> dict[str, float | None]:
         """{'train/tflops_per_gpu': ..., 'train/mfu': ...} over ``seconds`` of training (None: unknown)."""

@@ -161,15 +161,17 @@ def _check_memory_plan(cfg: DictConfig, world_size: int) -> None:
 
 
 def _batches(indices, dataset, cfg, tokenizer, rt, bins=None) -> list[dict]:
-    """This DP rank's micro-batches of a global batch, all padded to one length (PP needs it; SP needs a
-    multiple of TP). With ``bins`` (packing), ``indices`` are bin ids and every row is one packed bin of
-    ``packed_length`` positions. An encoder-decoder model's samples pad their encoder inputs and labels to
-    the global batch's longest; the decoder starts from the pad id (T5's ``decoder_start_token_id``)."""
+    """This DP rank's micro-batches of a global batch: under PP all padded to the global batch's longest
+    (one activation shape per step), else each to its own longest (fewer padded positions, the same loss);
+    SP needs a multiple of TP. With ``bins`` (packing), ``indices`` are bin ids and every row is one packed
+    bin of ``packed_length`` positions. An encoder-decoder model's decoder starts from the pad id (T5's
+    ``decoder_start_token_id``)."""
     mine = micro_batches(indices, ps.get_data_parallel_rank(), rt.dp, cfg.trainer.micro_batch_size)
     if bins is not None:
         return [collate_packed([[dataset[i] for i in bins[b]] for b in mb], tokenizer.pad_id,
                                packed_length(cfg.data, rt)) for mb in mine]
-    return collate_global_batch(_kind(cfg), mine, indices, dataset, tokenizer.pad_id, rt.tp if rt.sp else 1)
+    return collate_global_batch(_kind(cfg), mine, indices, dataset, tokenizer.pad_id, rt.tp if rt.sp else 1,
+                                same_length=rt.pp > 1)
 
 
 def _kind(cfg) -> str:

@@ -288,6 +288,31 @@ def test_collate_shift_and_padding():
         collate([a], 99, pad_to_multiple_of=4, seq_length=6)
 
 
+def test_global_batch_pads_each_micro_batch_to_its_own_longest_without_a_pipeline():
+    """collate_global_batch: same_length (pipeline parallelism) pads every micro-batch to the global batch's
+    longest, otherwise each to its own longest; the real positions are the same either way (so is the loss:
+    padding carries none), rounded up to the multiple SP needs. Both model kinds."""
+    from framework.data.batching import collate_global_batch
+
+    samples = [Sample(list(range(10, 10 + n)), [0, 0] + [1] * (n - 2)) for n in (9, 4, 3, 5)]
+    mbs = [[0, 1], [2, 3]]
+    one = collate_global_batch("decoder_only", mbs, [0, 1, 2, 3], samples, 99)
+    own = collate_global_batch("decoder_only", mbs, [0, 1, 2, 3], samples, 99, same_length=False)
+    assert [b["tokens"].shape for b in one] == [(2, 8), (2, 8)]
+    assert [b["tokens"].shape for b in own] == [(2, 8), (2, 4)]
+    for a, b in zip(one, own):
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert torch.equal(a[key][:, :b[key].shape[1]], b[key])
+        assert a["loss_mask"].sum() == b["loss_mask"].sum()
+    rounded = collate_global_batch("decoder_only", mbs, [0, 1, 2, 3], samples, 99, multiple=3, same_length=False)
+    assert [b["tokens"].shape for b in rounded] == [(2, 9), (2, 6)]
+
+    enc = collate_global_batch("encoder_decoder", mbs, [0, 1, 2, 3], samples, 0)
+    enc_own = collate_global_batch("encoder_decoder", mbs, [0, 1, 2, 3], samples, 0, same_length=False)
+    assert [(b["encoder_tokens"].shape, b["tokens"].shape) for b in enc] == [((2, 2), (2, 7))] * 2
+    assert [(b["encoder_tokens"].shape, b["tokens"].shape) for b in enc_own] == [((2, 2), (2, 7)), ((2, 2), (2, 3))]
+
+
 def test_collate_real_samples_roundtrip(tok, tmp_path):
     path = write(tmp_path / "x.jsonl", jl({"prompt": "def f():\n", "completion": "    return 1\n"},
                                           {"prompt": "x = ", "completion": "2"}))

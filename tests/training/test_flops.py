@@ -162,3 +162,15 @@ def test_without_a_peak_only_tflops_are_reported():
     meter.add_step(4, [{"encoder_tokens": torch.zeros(4, 16)}])
     assert meter.scalars(1.0) == {"train/tflops_per_gpu": None, "train/mfu": None}
     assert Throughput.describe(meter.scalars(1.0)) == ""
+
+
+def test_micro_batches_of_their_own_lengths_count_each_at_its_length():
+    """Without pipeline parallelism a step's micro-batches have their own lengths (framework/data/batching.py):
+    each counts at its length, the other data-parallel ranks' rows (8 global rows, 4 here) at this rank's."""
+    from framework.models.config import ModelConfig
+    from framework.training.flops import Throughput, step_flops
+
+    cfg, peft = ModelConfig(**ARCH), {"method": "lora", "rank": 4, "targets": ["qkv"]}
+    meter = Throughput(cfg, peft, world_size=2, peak=None)
+    meter.add_step(8, [{"tokens": torch.zeros(2, 32)}, {"tokens": torch.zeros(2, 16)}])
+    assert meter.flops == pytest.approx(step_flops(cfg, peft, 4, 32) + step_flops(cfg, peft, 4, 16), rel=1e-12)
