@@ -22,6 +22,7 @@ from framework.config.parallel import ParallelSection
 from framework.config.peft import SECTIONS as PEFT_SECTIONS
 from framework.config.precision import Fp8Section, precision_problems
 from framework.config.trainer import TrainerSection
+from framework.runtime.distributed import data_parallel_size
 
 #: config group -> its schema (peft: by method)
 GROUPS = {"model": ModelSection, "data": DataSection, "parallel": ParallelSection, "trainer": TrainerSection}
@@ -147,7 +148,7 @@ class Layout:
     @classmethod
     def of(cls, parallel, trainer, world_size: int) -> "Layout":
         tp, pp = int(parallel.tensor), int(parallel.pipeline)
-        dp = max(1, world_size // max(1, tp * pp))
+        dp = data_parallel_size(world_size, tp, pp)
         gbs, mbs = int(trainer.global_batch_size), int(trainer.micro_batch_size)
         return cls(world=world_size, tp=tp, pp=pp, dp=dp, sp=bool(parallel.sequence),
                    accumulation=max(1, gbs // max(1, mbs * dp)))

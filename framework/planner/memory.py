@@ -218,7 +218,7 @@ def job_from_config(cfg, seq: int | None = None) -> Job:
     seq_length = int(seq or cfg.data.max_length)
     # T5: the decoder's own length; null follows the encoder's (seq overrides data.max_length)
     decoder_seq = decoder_max_length(cfg.data) if cfg.data.get("decoder_max_length") is not None else None
-    return Job(model=model, method=str(peft.method), lora_rank=int(peft.get("rank") or 16),
+    return Job(model=model, method=str(peft.method), lora_rank=peft.get("rank", 0),  # the method's own rank (LoRA-style methods all have one)
                lora_targets=tuple(t for t in targets if t in LORA_TARGETS + CROSS_TARGETS),
                precision=str(OmegaConf.select(cfg, "precision", default="bf16")),
                seq_length=seq_length, decoder_seq_length=decoder_seq if model.num_decoder_layers else None,

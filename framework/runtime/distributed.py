@@ -54,6 +54,12 @@ def launcher_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def data_parallel_size(world_size: int, tp: int, pp: int) -> int:
+    """The data-parallel size of a layout: the world divided by TP x PP (the one place this is derived; a
+    world that is not a multiple of TP x PP is refused before any process group starts)."""
+    return max(1, world_size // max(1, tp * pp))
+
+
 def world_size_from_env() -> int:
     return launcher_env()[1]
 
@@ -108,7 +114,7 @@ def initialize(tp: int = 1, pp: int = 1, sp: bool = False, seed: int = 1234,
         )
     seed_everything(seed)
     rt = Runtime(device=device, backend=backend, rank=rank, world_size=world, local_rank=local_rank,
-                 tp=tp, pp=pp, dp=world // (tp * pp), sp=sp)
+                 tp=tp, pp=pp, dp=data_parallel_size(world, tp, pp), sp=sp)
     log.debug("runtime: %s", rt)
     return rt
 

@@ -33,6 +33,7 @@ from framework.inference.generate import complete_sample
 from framework.models.registry import get_family
 from framework.planner.memory import job_from_config, warn_if_unfit
 from framework.runtime import distributed as rtd
+from framework.runtime.distributed import data_parallel_size
 from framework.runtime.errors import ConfigError
 from framework.runtime.text_table import table
 from framework.training import summary
@@ -156,7 +157,7 @@ def _check_memory_plan(cfg: DictConfig, world_size: int) -> None:
         return
     par = cfg.parallel
     tp, pp = par.tensor, par.pipeline
-    warn_if_unfit(job_from_config(cfg), tp, pp, max(1, world_size // (tp * pp)), par.sequence,
+    warn_if_unfit(job_from_config(cfg), tp, pp, data_parallel_size(world_size, tp, pp), par.sequence,
                   torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, log)
 
 
