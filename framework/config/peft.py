@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from framework.config.checks import at_least, fraction, one_of
+from framework.config.checks import at_least, fraction
 
 
 @dataclasses.dataclass
@@ -38,8 +38,9 @@ class LoraSection(PeftSection):
     targets: list[str] = dataclasses.field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
 
     def problems(self) -> list[str]:
-        out = [at_least("peft.rank", self.rank, 1, what="a positive integer"),
-               fraction("peft.dropout", self.dropout)]
+        out = [fraction("peft.dropout", self.dropout)]
+        if self.rank < 1:
+            out.insert(0, f"peft.rank={self.rank!r}: expected a positive integer")
         if self.alpha <= 0:
             out.append(f"peft.alpha={self.alpha!r}: expected a positive number")
         return [p for p in out if p]
@@ -82,7 +83,10 @@ class AdapterSection(PeftSection):
     targets: list[str] = dataclasses.field(default_factory=lambda: ["attention", "mlp"])
 
     def problems(self) -> list[str]:
-        return [p for p in [at_least("peft.bottleneck", self.bottleneck, 1, what="a positive integer")] if p]
+        return [f"peft.bottleneck={self.bottleneck!r}: expected a positive integer"] if self.bottleneck < 1 else []
+
+
+INITS = ("random", "vocab", "text")  # prompt tuning's initialisations (framework/peft/prompt_tuning.py)
 
 
 @dataclasses.dataclass
@@ -97,7 +101,7 @@ class PromptTuningSection(PeftSection):
 
     def problems(self) -> list[str]:
         out = [at_least("peft.num_virtual_tokens", self.num_virtual_tokens, 1),
-               one_of("peft.init", self.init, ("random", "vocab", "text"))]
+               None if self.init in INITS else f"peft.init={self.init!r} is not one of {list(INITS)}"]
         if self.init == "text" and not self.init_text:
             out.append("peft.init=text needs peft.init_text (the text whose token embeddings start the prompt)")
         return [p for p in out if p]
@@ -116,7 +120,8 @@ class PTuningSection(PeftSection):
 
     def problems(self) -> list[str]:
         out = [at_least("peft.num_virtual_tokens", self.num_virtual_tokens, 1),
-               at_least("peft.encoder_hidden_size", self.encoder_hidden_size, 1, nullable=True),
+               None if self.encoder_hidden_size is None or self.encoder_hidden_size >= 1 else
+               f"peft.encoder_hidden_size={self.encoder_hidden_size!r}: expected an integer >= 1, or null (= hidden size)",
                at_least("peft.encoder_num_layers", self.encoder_num_layers, 1),
                fraction("peft.encoder_dropout", self.encoder_dropout)]
         return [p for p in out if p]
