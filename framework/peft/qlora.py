@@ -4,8 +4,12 @@
 
 ``apply_qlora`` first wraps the targets with :class:`~framework.peft.lora.LoRALinear` exactly as LoRA does
 (same TP/SP layout of A and B, same initialisation, same adapter files), then replaces each wrapped base
-layer's ``weight`` parameter by an :class:`~framework.peft.nf4.NF4Weight` of *this rank's shard*: every TP
-rank quantises only what it holds, so the blocks follow the shard and nothing is gathered. The base layer
+layer's ``weight`` parameter by an :class:`~framework.peft.nf4.NF4Weight` holding this rank's shard. The
+blocks are those of the Hugging Face tensors (q, k, v; gate, up; the others whole), quantised on the full
+matrix -- gathered over TP one layer at a time -- exactly as bitsandbytes quantises a checkpoint; each rank
+keeps its elements' codes and the constants of the blocks they touch. So every TP/PP layout trains the same
+quantised model (a row-parallel shard narrower than a block keeps the constants of every block of its
+rows' span: a little more than 1/64 byte per element of the full matrix). The base layer
 stays megatron's Column/RowParallelLinear with all its communication; only its matmul changes:
 ``_forward_impl`` becomes :func:`nf4_frozen_linear`, which dequantises the weight in forward and again in
 backward (for the input gradient), keeping no full-precision copy between the two. The dequantised
@@ -30,6 +34,9 @@ import logging
 
 import torch
 
+from framework.models.fused_layout import fuse_gate_up, fuse_qkv, shard, split_qkv, unfuse_gate_up
+from framework.models.kv_replication import dereplicate_rows, replicate_rows
+from framework.models.unwrap import unwrap_model
 from framework.peft.lora import LoRALinear, apply_lora, lora_modules
 from framework.peft.nf4 import NF4Weight
 
@@ -80,14 +87,49 @@ class QLoRALinear(LoRALinear):
         super().merge()
 
 
-def quantize_base(layer: LoRALinear, block_size: int = 64, scaler_block_size: int = 256) -> tuple[int, int]:
-    """Store ``layer.base_layer.weight`` (this rank's shard) as NF4 in place; return (bytes before, after)."""
+def _source_layout(layer: LoRALinear, weight: torch.Tensor, kv_spec):
+    """(the full source tensors, the function laying tensors shaped like them out as this rank's weight).
+
+    The sources are the tensors a Hugging Face checkpoint holds -- q, k, v for ``qkv``; gate and up for a gated
+    ``fc1``; the whole matrix otherwise -- so the blocks are the ones bitsandbytes makes of that checkpoint,
+    at every TP layout. The full matrix is gathered over TP for the time of the quantisation (one layer).
+    """
+    tp, rank = layer.tp_size, layer.tp_rank
+    shards = [weight]
+    if tp > 1:
+        shards = [torch.empty_like(weight) for _ in range(tp)]
+        torch.distributed.all_gather(shards, weight.contiguous(), group=layer.tp_group)
+    config = layer.base_layer.config
+    if getattr(layer, "target", None) == "qkv":
+        n = config.num_attention_heads
+        g = kv_spec.num_groups if kv_spec is not None else config.num_query_groups
+        q, k, v = split_qkv(torch.cat(dereplicate_rows(shards, n, g), dim=0), n, g)
+        return [q, k, v], lambda ts: replicate_rows(fuse_qkv(*ts, n, g), n, g, tp, rank)
+    if getattr(layer, "glu_fused", False):
+        gate, up = unfuse_gate_up(shards)
+        return [gate, up], lambda ts: fuse_gate_up(ts[0], ts[1], rank, tp)
+    dim = 0 if layer.parallel_mode == "column" else 1
+    return [torch.cat(shards, dim=dim)], lambda ts: shard(ts[0], dim, rank, tp)
+
+
+def quantize_base(layer: LoRALinear, block_size: int = 64, scaler_block_size: int = 256,
+                  kv_spec=None) -> tuple[int, int]:
+    """Store ``layer.base_layer.weight`` (this rank's shard) as NF4 in place; return (bytes before, after).
+
+    The blocks are those of the full source tensors (:func:`_source_layout`): every layout holds the same
+    quantised model, bit for bit the one bitsandbytes makes of the Hugging Face checkpoint. ``kv_spec``: the
+    model's KV-head replication (``gpt.kv_replication``), None without.
+    """
     base = layer.base_layer
     weight = base.weight
     if isinstance(weight, NF4Weight):
         raise ValueError(f"{layer.target} of layer {layer.layer_number} is already quantised")
     before = weight.numel() * weight.element_size()
-    nf4 = NF4Weight(weight.detach(), block_size, scaler_block_size)
+    with torch.no_grad():
+        sources, to_local = _source_layout(layer, weight.detach(), kv_spec)
+        nf4 = NF4Weight.from_sources(sources, to_local, tuple(weight.shape), weight.dtype, block_size,
+                                     scaler_block_size)
+    del sources
     del base.weight  # the full-precision parameter goes; the module attribute becomes the NF4 storage
     base.weight = nf4
     base._forward_impl = nf4_frozen_linear  # instance attribute: overrides the class's matmul dispatch
@@ -103,11 +145,12 @@ def apply_qlora(model, targets=("qkv", "proj", "fc1", "fc2"), rank: int = 8, alp
     """
     apply_lora(model, targets=targets, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, seed=seed,
                linear_cls=QLoRALinear)
+    kv_spec = getattr(unwrap_model(model), "kv_replication", None)
     before = after = layers = 0
     for _, target, mod in lora_modules(model):
         if target not in QUANTIZED_TARGETS:
             continue
-        b, a = quantize_base(mod, block_size, scaler_block_size)
+        b, a = quantize_base(mod, block_size, scaler_block_size, kv_spec)
         before, after, layers = before + b, after + a, layers + 1
     if before:
         log.info("QLoRA: %d base linear weights of this rank stored as NF4 (blocks %d, constants in blocks of "
