@@ -19,16 +19,21 @@ keys are not part of base weights and are left alone.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import shutil
 from pathlib import Path
 
-from framework.runtime.atomic import publish
-from framework.runtime.errors import CheckpointError
+import torch.distributed as dist
+import yaml
+
 from framework.checkpoint.dcp_pickles import check_dcp_pickles
 from framework.checkpoint.streaming import streaming_save
 from framework.models.config import ModelConfig, arch_mismatches
 from framework.models.unwrap import unwrap_model
 from framework.peft.wrapping import base_sharded_state_dict, is_adapter_key
+from framework.runtime.atomic import publish
+from framework.runtime.errors import CheckpointError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.yaml"
@@ -43,8 +48,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 # -- helpers ----------------------------------------------------------------------------------------------
 def _dist():
-    import torch.distributed as dist
-
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
@@ -97,8 +100,6 @@ def _file_sizes(directory: Path) -> dict[str, int]:
 
 
 def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     view = memoryview(bytearray(chunk))  # one buffer, reused: the hash adds 4 MiB to the resident set
     with open(path, "rb", buffering=0) as f:
@@ -110,8 +111,6 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
 # -- config.yaml ------------------------------------------------------------------------------------------
 def read_config(ckpt_dir) -> dict:
     """config.yaml of a checkpoint directory, checked for format_version and a valid model section."""
-    import yaml
-
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / CONFIG_NAME
     if not ckpt_dir.is_dir():
@@ -169,7 +168,6 @@ def save_checkpoint(model, ckpt_dir, model_cfg: ModelConfig, tokenizer_src=None,
     Stored in each parameter's dtype; every file's SHA-256 is recorded in config.yaml (the .distcp files
     hashed as they are written).
     """
-    import yaml
     from megatron.core import dist_checkpointing
 
 
@@ -319,8 +317,6 @@ def _check_keys_and_shapes(sharded: dict, weights: Path) -> None:
 
 def _apply_factories_copy(sharded: dict) -> dict:
     """Apply ShardedTensorFactories (e.g. swiglu's split of linear_fc1) on a shallow copy."""
-    import copy
-
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
     sd = copy.copy(sharded)

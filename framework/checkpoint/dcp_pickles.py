@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from framework.runtime.errors import CheckpointError
 
@@ -54,8 +55,6 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def read_metadata(path: Path):
     """The ``Metadata`` object of a ``.metadata`` file, unpickled with only the globals above resolvable."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -83,8 +82,6 @@ def _check_weights_only(data, where: str) -> None:
 def check_dcp_pickles(directory) -> None:
     """Raise CheckpointError (naming the file) unless every pickle that loading the torch_dist checkpoint
     ``directory`` would unpickle holds only plain data (see the module docstring)."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
     directory = Path(directory)
     metadata_path = directory / METADATA_FILE
     if not metadata_path.is_file():

@@ -25,11 +25,17 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
-from framework.runtime.atomic import publish, temp_dir_beside
+from framework.checkpoint.hf_import import layer_offset, shard_context, stack_of
+from framework.checkpoint.safetensors_stream import SafetensorsStreamWriter
 from framework.models import kv_replication
 from framework.models import weight_table as wt
 from framework.models.config import ModelConfig
+from framework.models.registry import get_family
+from framework.models.unwrap import unwrap_model
+from framework.runtime.atomic import publish, temp_dir_beside
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,8 +45,6 @@ class HFExportError(ValueError):
 
 
 def _family(cfg: ModelConfig):
-    from framework.models.registry import get_family
-
     return get_family(cfg.family)
 
 
@@ -57,8 +61,6 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def _export_plan(cfg: ModelConfig):
     """[(rule, global layer or None, expert or None, HF names, duplicate)] in HF order; each HF name
     appears once (tied: the output layer's copy of the embedding is a duplicate, checked not written)."""
-    from framework.checkpoint.hf_import import stack_of
-
     rules = _family(cfg).rules(cfg.tie_word_embeddings, cfg)
     globals_first = [r for r in rules if not r.per_layer and r.ours.startswith(("embedding", "encoder"))]
     per_layer = [r for r in rules if r.per_layer]
@@ -110,8 +112,6 @@ class _ShardWriter:
         self.total_bytes = 0
 
     def add(self, name: str, t: torch.Tensor) -> None:
-        from framework.checkpoint.safetensors_stream import SafetensorsStreamWriter
-
         k = self.file_of[name]
         if self.open is None or self.open[0] != k:
             if self.open is not None:
@@ -147,9 +147,6 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
     Rank 0 writes into a temporary sibling directory moved into place when complete. Returns, on rank 0,
     {'tensors', 'bytes', 'seconds', 'files'}; None on other ranks.
     """
-    import torch.distributed as dist
-
-    from framework.models.unwrap import unwrap_model
 
     t0 = time.perf_counter()
     # one process needs no gathering (gather_object would pickle every tensor: three extra copies)
@@ -162,8 +159,6 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
         contributes = ps.get_data_parallel_rank(with_context_parallel=True) == 0
     else:
         tp_rank, contributes = 0, True
-    from framework.checkpoint.hf_import import layer_offset, shard_context, stack_of
-
     gpt = unwrap_model(model)
     if params is None:
         params = base_params(gpt)
@@ -184,8 +179,6 @@ def export_hf(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, dtype:
         writer = _ShardWriter(tmp, [(n, target_dtype, expected[n]) for *_, names, dup in plan if not dup
                                     for n in names if n in expected], max_shard_bytes)
         if progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=len(expected), unit="tensor", desc="export", dynamic_ncols=True)
     consumed: set[str] = set()
     written: list[str] = []

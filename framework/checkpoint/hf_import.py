@@ -33,9 +33,12 @@ from pathlib import Path
 
 import torch
 
+from framework.checkpoint.safetensors_files import open_safetensors
+from framework.checkpoint.safetensors_stream import SafetensorsReader
 from framework.models import kv_replication
 from framework.models import weight_table as wt
 from framework.models.config import ModelConfig, arch_mismatches
+from framework.models.registry import family_for_hf
 from framework.models.unwrap import unwrap_model
 
 log = logging.getLogger(__name__)
@@ -50,8 +53,6 @@ class HFImportError(ValueError):
 
 def safetensors_index(hf_dir: str | Path) -> dict[str, Path]:
     """{tensor name: file holding it} for a single-file or sharded safetensors checkpoint."""
-    from framework.checkpoint.safetensors_files import open_safetensors
-
     hf_dir = Path(hf_dir)
     index = hf_dir / INDEX_FILE
     if index.is_file():
@@ -99,8 +100,6 @@ def layer_offset(model, stack: str = "decoder") -> tuple[int, int]:
 
 def _check_config(hf_dir: Path, model_cfg: ModelConfig):
     """The family of the checkpoint, after checking its config.json describes ``model_cfg``."""
-    from framework.models.registry import family_for_hf
-
     config = hf_dir / "config.json"
     if not config.is_file():
         raise HFImportError(f"{hf_dir} has no config.json")
@@ -148,7 +147,6 @@ class HFWeights:
     def __init__(self, gpt_model, hf_dir: str | Path, model_cfg: ModelConfig):
         from megatron.core import parallel_state
 
-        from framework.checkpoint.safetensors_stream import SafetensorsReader
 
         self.hf_dir = hf_dir = Path(hf_dir)
         family = _check_config(hf_dir, model_cfg)

@@ -27,8 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from framework.runtime.errors import ConfigError
+import torch
+
+from framework.checkpoint.archive import ArchiveError, unpacked
+from framework.checkpoint.ckpt_format import CheckpointError, model_config_of
+from framework.data.tokenizer import Tokenizer
 from framework.models.config import ModelConfig, arch_mismatches
+from framework.models.registry import config_from_hf
+from framework.runtime.errors import ConfigError
 from framework.runtime.shared_files import cache_root, file_lock
 
 log = logging.getLogger(__name__)
@@ -77,7 +83,6 @@ def is_complete(directory: Path) -> bool:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """GGUF (4-bit) -> HF safetensors directory in fp32, with its tokenizer."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -137,8 +142,6 @@ def model_dir(node) -> Path:
 
 def checkpoint_dir(node) -> Path:
     """Our checkpoint directory of a source=ckpt node (a .tar is unpacked once, see checkpoint/archive.py)."""
-    from framework.checkpoint.archive import ArchiveError, unpacked
-
     path = _get(node, "path")
     if not path:
         raise ConfigError("model.path must be set to our checkpoint directory (or .tar) when model.source=ckpt")
@@ -194,15 +197,11 @@ def model_config_for(node) -> ModelConfig:
         return declared
     directory = model_dir(node)
     if source == "ckpt":
-        from framework.checkpoint.ckpt_format import CheckpointError, model_config_of
-
         try:
             found, described_by = model_config_of(directory), directory / "config.yaml"
         except CheckpointError as e:
             raise ConfigError(f"model.path: {e}") from None
     else:
-        from framework.models.registry import config_from_hf
-
         found, described_by = config_from_hf(json.loads((directory / "config.json").read_text())), directory / "config.json"
     if declared is not None:
         bad = arch_mismatches(declared, found)
@@ -217,6 +216,4 @@ def text_encoder(peft_cfg):
     node = peft_cfg.get("text_tokenizer") if hasattr(peft_cfg, "get") else None
     if node is None:
         return None
-    from framework.data.tokenizer import Tokenizer
-
     return lambda text: Tokenizer.from_dir(tokenizer_dir(node)).encode(text)

@@ -23,8 +23,8 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
-
 from omegaconf import OmegaConf
 
 from framework.checkpoint import hub
@@ -170,6 +170,4 @@ def _base_name(model_node) -> str:
 
 
 def _is_rank_zero() -> bool:
-    import torch.distributed as dist
-
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from framework.runtime.errors import ConfigError
+from framework.checkpoint.hub import SOURCES
 from framework.models.config import ModelConfig
 from framework.models.layout import LayoutError, check_layout
-from framework.checkpoint.hub import SOURCES
+from framework.models.precision import precision_problems
+from framework.models.registry import FAMILIES
+from framework.runtime.errors import ConfigError
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:
@@ -21,8 +23,6 @@ def model_config(cfg: DictConfig) -> ModelConfig:
 def model_problems(cfg: DictConfig, model: ModelConfig, world_size: int) -> list[str]:
     """What any job needs of model.*, parallel.* and precision: a known family, a layout the model can take
     on ``world_size`` processes, a known precision and model source."""
-    from framework.models.registry import FAMILIES
-
     problems = []
     if model.family not in FAMILIES:
         problems.append(f"model.arch.family={model.family!r} is not a known family; known: {sorted(FAMILIES)}")
@@ -32,8 +32,6 @@ def model_problems(cfg: DictConfig, model: ModelConfig, world_size: int) -> list
                      par.get("first_stage_layers"), par.get("last_stage_layers"))
     except LayoutError as e:
         problems.append(str(e).replace("invalid parallel layout:\n  - ", "").replace("\n  - ", "\n"))
-    from framework.models.precision import precision_problems
-
     problems += precision_problems(cfg)  # fp8 only with TE on a Hopper-class GPU; trainer.recompute
     if cfg.model.source not in SOURCES:
         problems.append(f"model.source={cfg.model.source!r} is not one of {', '.join(SOURCES)}")

@@ -24,9 +24,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from framework.checkpoint.adapter import load_adapter, read_adapter_config, save_adapter
 from framework.peft.merge import is_merged
+from framework.peft.registry import get_method
 from framework.peft.wrapping import peft_modules, remove_peft
 
 #: adapter.yaml keys that describe the file, not the method's configuration
@@ -56,8 +59,6 @@ class NamedAdapters:
     # -- adding ----------------------------------------------------------------------------------
     def add(self, name: str, peft_cfg) -> None:
         """Put a freshly initialised adapter on (method and settings as a conf/peft/*.yaml section)."""
-        from omegaconf import OmegaConf
-
         cfg = OmegaConf.to_container(peft_cfg, resolve=True) if not isinstance(peft_cfg, dict) else dict(peft_cfg)
         self._put_on(cfg, reuse=False)
         self._remember(name, cfg)
@@ -65,8 +66,6 @@ class NamedAdapters:
     def load(self, name: str, directory: str | Path | None = None) -> dict:
         """Load ``directory`` (default ROOT/adapters/NAME) under ``name`` and make it active; returns its
         adapter.yaml."""
-        from framework.checkpoint.adapter import load_adapter, read_adapter_config
-
         d = Path(directory) if directory is not None else self.directory(name)
         meta = read_adapter_config(d)
         cfg = {k: v for k, v in meta.items() if k not in _FILE_KEYS}
@@ -98,8 +97,6 @@ class NamedAdapters:
 
     def save(self, name: str | None = None, directory: str | Path | None = None, base: dict | None = None) -> Path:
         """Write adapter ``name`` (default: the active one) to ``directory`` (default ROOT/adapters/NAME)."""
-        from framework.checkpoint.adapter import save_adapter
-
         name = name or self.active
         if name is None:
             raise ValueError("no adapter is active; name the adapter to save")
@@ -131,9 +128,6 @@ class NamedAdapters:
 
     def _put_on(self, cfg: dict, reuse: bool) -> None:
         """Wrappers for ``cfg`` on the model (the current ones when they have the same structure)."""
-        from omegaconf import OmegaConf
-
-        from framework.peft.registry import get_method
 
         if cfg.get("method") not in SWITCHABLE:
             raise ValueError(f"peft.method={cfg.get('method')!r}: NamedAdapters switches {list(SWITCHABLE)} "

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import io
 import os
 import threading
@@ -40,10 +41,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystemWriter, _item_size, _StorageInfo
+from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 from torch.overrides import TorchFunctionMode
 
 from framework.models.config import ModelConfig
+from framework.models.registry import get_family
 from framework.peft.wrapping import base_sharded_state_dict
+from framework.runtime.errors import CheckpointError
 
 
 # -- the skeleton ------------------------------------------------------------------------------------------
@@ -76,8 +85,6 @@ def _skeleton_build():
     initialisation, no ``.cuda()``; the checkpoint keys are the same as the GPU variant's), and megatron's
     construction-time all-reduce of tied embedding copies (PP > 1) skipped for meta tensors, which have
     no values to reduce (the converter fills both copies)."""
-    import torch.distributed as dist
-
     real_available, real_all_reduce = torch.cuda.is_available, dist.all_reduce
 
     def all_reduce(tensor, *args, **kwargs):
@@ -96,9 +103,6 @@ def _skeleton_build():
 
 def skeleton(model_cfg: ModelConfig, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32):
     """This rank's model stage (process groups must exist) with its weights on the meta device."""
-    import inspect
-
-    from framework.models.registry import get_family
 
     build = get_family(model_cfg.family).build
     settings = {}
@@ -166,11 +170,6 @@ class _HashingSink(io.RawIOBase):
 
 
 def _writer_class():
-    from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystemWriter, _item_size, _StorageInfo
-    from torch.distributed.checkpoint.planner import WriteItemType
-    from torch.distributed.checkpoint.storage import WriteResult
-    from torch.futures import Future
-
     class StreamingWriter(FileSystemWriter):
         """torch's FileSystemWriter (planning, file names, ``.metadata``) with our own item loop.
 
@@ -269,8 +268,6 @@ def _planner_class():
             if src is None:
                 data = super().resolve_data(write_item)
                 if isinstance(data, torch.Tensor) and data.is_meta:
-                    from framework.runtime.errors import CheckpointError
-
                     raise CheckpointError(f"tensor {write_item.index.fqn!r} has no data (a meta tensor that is "
                                           f"not a model parameter) and cannot be written")
                 return data
@@ -305,9 +302,8 @@ def _save_strategy_class():
             return True
 
         def save(self, sharded_state_dict, checkpoint_dir) -> None:
-            import torch.distributed.checkpoint as dcp
-            from megatron.core.dist_checkpointing.strategies.torch import (
-                _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
+            from megatron.core.dist_checkpointing.strategies.torch import (_replace_state_dict_keys_with_sharded_keys,
+                                                                           mcore_to_pyt_state_dict)
 
             sources = _sources(sharded_state_dict, self.model) if self.values is not None else {}
             sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
@@ -363,8 +359,8 @@ class CheckpointParams(Mapping):
     """
 
     def __init__(self, model, weights_dir, params: dict | None = None):
-        from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
-            CachedMetadataFileSystemReader)
+        from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import \
+            CachedMetadataFileSystemReader
 
         self.weights_dir = Path(weights_dir)
         self.params = dict(params) if params is not None else dict(model.named_parameters())
@@ -381,13 +377,12 @@ class CheckpointParams(Mapping):
         return name in self.params
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        import torch.distributed.checkpoint as dcp
         from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-        from megatron.core.dist_checkpointing.strategies.torch import (
-            MCoreLoadPlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
+        from megatron.core.dist_checkpointing.strategies.torch import (MCoreLoadPlanner,
+                                                                       _replace_state_dict_keys_with_sharded_keys,
+                                                                       mcore_to_pyt_state_dict)
 
-        from framework.runtime.errors import CheckpointError
 
         param = self.params[name]
         value = torch.empty(param.shape, dtype=param.dtype)

@@ -24,12 +24,14 @@ re-exported here) and the batch semantics documented there.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
 
 from framework.data.packing import collate_packed  # noqa: F401  (re-export: the packed collate)
 from framework.data.sample import Sample
+from framework.data.seq2seq import collate_seq2seq, lengths
 
 
 def collate(samples: list[Sample], pad_id: int, pad_to_multiple_of: int = 1,
@@ -131,8 +133,6 @@ class BatchOrder:
 
 
 def _digest(permutation: list[int]) -> str:
-    import hashlib
-
     return hashlib.sha256(",".join(map(str, permutation)).encode()).hexdigest()
 
 
@@ -167,8 +167,6 @@ def collate_global_batch(kind: str, micro_batch_indices: list[list[int]], indice
     encoder-decoder model its encoder inputs and labels (framework/data/seq2seq.py), the decoder starting
     from the pad id (T5's ``decoder_start_token_id``)."""
     if kind == "encoder_decoder":
-        from framework.data.seq2seq import collate_seq2seq, lengths
-
         # None: each micro-batch its own lengths
         se, sd = lengths([dataset[i] for i in indices]) if same_length else (None, None)
         return [collate_seq2seq([dataset[i] for i in mb], pad_id, pad_id, multiple, encoder_length=se,

@@ -53,19 +53,26 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from framework.runtime.errors import DataError
+from framework.data.batching import collate
+from framework.data.chat import NO_TARGETS, TOO_LONG, ChatEncoder, parse_record
+from framework.data.chat_template import ChatTemplateError
 from framework.data.jsonl import read_jsonl, type_name
+from framework.data.packing import collate_packed, sample_positions
+from framework.data.prepare import check_files, hold_out
 from framework.data.prompt_completion import COMPLETION_TOO_LONG, TRUNCATION_SIDES, build_sample
 from framework.data.report import FileReport
 from framework.data.sample import Sample
+from framework.runtime.errors import DataError
 
 log = logging.getLogger("framework.data")
 
 FORMAT = "preference"
 from framework.config.data import BAD_RECORDS  # noqa: E402  (one list of the choices: the data section)
+
 MISSING_CHOSEN, MISSING_REJECTED = "missing_chosen", "missing_rejected"
 EMPTY_PROMPT, EMPTY_RESPONSE, IDENTICAL = "empty_prompt", "empty_response", "identical_responses"
 
@@ -126,8 +133,6 @@ def parse_preference(path, line: int, obj: dict):
     """``(context, chosen, rejected, tools)`` of one record: ``context`` is the prompt string (text form) or
     the list of context messages (chat form, then the responses are assistant messages and ``tools`` the
     record's tools). Raises ``_Bad`` for the kinds ``data.bad_records`` governs, ``DataError`` otherwise."""
-    from framework.data.chat import parse_record
-
     context = obj["messages"] if "messages" in obj else obj.get("prompt")
     chat = "messages" in obj or isinstance(context, list)
     if context is None:
@@ -170,8 +175,6 @@ def _text_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length: i
 def _chat_pair(encoder, context: list, chosen: dict, rejected: dict, tools, max_length: int):
     """``(pair, tokens of dropped exchanges, None)`` or ``(None, 0, reason)``: the earliest exchanges of
     the context dropped, the same for both rows, until both fit."""
-    from framework.data.chat import NO_TARGETS, TOO_LONG
-
     head = 0
     while head < len(context) and context[head]["role"] == "system":
         head += 1
@@ -192,9 +195,6 @@ def _chat_pair(encoder, context: list, chosen: dict, rejected: dict, tools, max_
 def iter_preferences(path: str | os.PathLike, tokenizer, max_length: int, truncation_side: str, report: FileReport,
                      bad_records: str = "error", chat_template=None):
     """Yield the kept pairs of a file, counting every record in ``report`` (see the module docstring)."""
-    from framework.data.chat import ChatEncoder
-    from framework.data.chat_template import ChatTemplateError
-
     if truncation_side not in TRUNCATION_SIDES:
         raise ValueError(f"data.truncation_side: expected one of {TRUNCATION_SIDES}, got {truncation_side!r}")
     if bad_records not in BAD_RECORDS:
@@ -250,9 +250,6 @@ class PreparedPairs:
 def prepare_preferences(data, tokenizer, seed: int = 0) -> PreparedPairs:
     """The training pairs and validation pairs (``data.validation`` file or ``data.validation_split`` of the
     training file, drawn with ``seed``) of a ``data`` config node of format ``preference``."""
-    from pathlib import Path
-
-    from framework.data.prepare import check_files, hold_out
 
     check_files(data, require_validation=True)
     template = data.get("chat_template")
@@ -287,8 +284,6 @@ def check_preference_options(data) -> list[str]:
 
 def pair_positions(pair: PreferencePair) -> int:
     """Positions a pair takes in a packed row: both of its sequences after the label shift."""
-    from framework.data.packing import sample_positions
-
     return sample_positions(pair.chosen) + sample_positions(pair.rejected)
 
 
@@ -296,8 +291,6 @@ def collate_packed_pairs(bins: list[list[PreferencePair]], pad_id: int, seq_leng
     """One micro-batch of packed bins: ``collate_packed``'s tensors over each bin's sequences (chosen and
     rejected of each pair side by side), plus ``sequence_index`` (int64 [rows, s]) and ``pairs`` (int64, 0-d):
     see the module docstring."""
-    from framework.data.packing import collate_packed, sample_positions
-
     batch = collate_packed([[s for p in b for s in (p.chosen, p.rejected)] for b in bins], pad_id, seq_length)
     m = sum(len(b) for b in bins)
     index = torch.full((len(bins), seq_length), 2 * m, dtype=torch.long)
@@ -316,6 +309,4 @@ def collate_packed_pairs(bins: list[list[PreferencePair]], pad_id: int, seq_leng
 def collate_pairs(pairs: list[PreferencePair], pad_id: int, pad_to_multiple_of: int = 1, seq_length: int | None = None):
     """One micro-batch of ``m`` pairs as ``2m`` rows, the chosen sequences first, then the rejected ones in the
     same order (``framework.data.batching.collate``'s tensors and padding rules)."""
-    from framework.data.batching import collate
-
     return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, pad_to_multiple_of, seq_length)

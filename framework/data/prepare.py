@@ -29,14 +29,16 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from framework.config.data import DataSection, given
+from framework.config.job import section_problems
+from framework.data.cache import default_dir, load_or_build
 from framework.data.chat import iter_messages
-from framework.runtime.errors import DataError
 from framework.data.prompt_completion import iter_prompt_completion
 from framework.data.report import FileReport
 from framework.data.sample import Sample
 from framework.data.seq2seq import SEQ2SEQ, iter_seq2seq
 from framework.data.views import Subset, holdout_split
-from framework.config.data import DataSection, given
+from framework.runtime.errors import DataError
 
 log = logging.getLogger("framework.data")
 
@@ -64,8 +66,6 @@ def _given(data, key):
 def check_files(data, require_validation: bool = True) -> None:
     """Raise ``ValueError`` naming the key when the ``data`` node's keys cannot work (types, exactly one
     validation source when ``require_validation``, the options): framework/config/data.py's checks."""
-    from framework.config.job import section_problems
-
     problems = section_problems("data", data, require_validation)
     if problems:
         raise ValueError(problems[0])
@@ -75,8 +75,6 @@ def cache_dir(data) -> Path | None:
     """The cache directory of a ``data`` config node: ``data.cache_dir`` (``~`` expanded), None when it is
     null (no cache), ``framework.data.cache.default_dir()`` when the key is absent."""
     if "cache_dir" not in data:
-        from framework.data.cache import default_dir
-
         return default_dir()
     value = _given(data, "cache_dir")
     return None if value is None else Path(os.path.expanduser(str(value)))
@@ -103,8 +101,6 @@ def prepare_one(path: str | os.PathLike, tokenizer, max_length: int, truncation_
         return tokenize(path, tokenizer, max_length, truncation_side, report, **extra)
 
     if cache_dir is not None and Path(path).is_file():  # a missing file: the reader names it below
-        from framework.data.cache import load_or_build
-
         options = {"format": data_format, "max_length": max_length, "truncation_side": truncation_side}
         if data_format == "messages":
             template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)

@@ -44,6 +44,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+from omegaconf import OmegaConf
 
 from framework.data.prompt_completion import TRUNCATION_SIDES, read_prompt_completion
 from framework.data.report import FileReport
@@ -56,8 +57,6 @@ SEQ2SEQ = "seq2seq"
 
 def is_encoder_decoder(cfg) -> bool:
     """Whether the job's model family (``model.arch.family``) builds an encoder-decoder (T5)."""
-    from omegaconf import OmegaConf
-
     family = FAMILIES.get(OmegaConf.select(cfg, "model.arch.family", default=None))
     return family is not None and family.kind is ENCODER_DECODER
 
@@ -95,8 +94,6 @@ def problems(cfg) -> list[str]:
 def use_seq2seq_format(cfg) -> None:
     """For an encoder-decoder model, tokenise prompt/completion records as seq2seq samples: sets
     ``data.format`` (in place) so that every file of the run, the cache key and the saved config agree."""
-    from omegaconf import OmegaConf
-
     if is_encoder_decoder(cfg) and cfg.data.get("format", "prompt_completion") == "prompt_completion":
         OmegaConf.update(cfg, "data.format", SEQ2SEQ, force_add=True)
 

@@ -35,11 +35,12 @@ import math
 
 import torch
 
+from framework.models.t5 import t5_encode, t5_logits
+from framework.models.unwrap import unwrap_model
+
 
 def is_encoder_decoder(model) -> bool:
     """Whether ``model`` (possibly wrapped) is an encoder-decoder model (it has an encoder stack)."""
-    from framework.models.unwrap import unwrap_model
-
     return getattr(unwrap_model(model), "encoder", None) is not None
 
 
@@ -58,9 +59,6 @@ def padded_batch(rows: list[list[int]], fill: int, multiple: int, device) -> tup
 def decode(model, prompts: list[list[int]], rows, decoder_start_id: int, pad_id: int) -> None:
     """Fill ``rows`` (framework/inference/generate.py ``Rows``) with the completions of the encoder inputs
     ``prompts`` (see the module docstring). Every rank of the TP group calls it with the same prompts."""
-    from framework.models.unwrap import unwrap_model
-    from framework.models.t5 import t5_encode, t5_logits
-
     t5 = unwrap_model(model)
     multiple = t5.config.tensor_model_parallel_size if t5.config.sequence_parallel else 1
     device = next(t5.parameters()).device

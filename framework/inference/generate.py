@@ -54,8 +54,15 @@ import dataclasses
 import math
 
 import torch
+import torch.distributed as dist
 
+from framework.data.seq2seq import split
+from framework.inference import encoder_decoder
+from framework.inference.kv_cache import CachedForward
+from framework.inference.logits import forward_logits
 from framework.inference.sampling import Sampling, next_tokens, row_generators
+from framework.models.unwrap import unwrap_model
+from framework.peft.virtual_tokens import num_virtual_tokens
 
 PADDING_SIDES = ("auto", "right", "left")
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
@@ -93,7 +100,6 @@ class Completion:
 # -- agreement between ranks ----------------------------------------------------------------------------
 def _share_from_last_stage(values: torch.Tensor, device) -> torch.Tensor:
     """``values`` as TP rank 0 of the last pipeline stage holds them, on every model-parallel rank."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     t = values.to(device)
@@ -206,10 +212,6 @@ def _padding_side(gpt, wanted: str) -> str:
 
 
 def _generate_cached(model, prompts, cfg: GenerationConfig, rows: Rows, pad_id: int) -> None:
-    from framework.inference.kv_cache import CachedForward
-    from framework.models.unwrap import unwrap_model
-    from framework.peft.virtual_tokens import num_virtual_tokens
-
     gpt = unwrap_model(model)
     n = num_virtual_tokens(gpt)
     lay = _layout(prompts, n, cfg.max_new_tokens, _padding_side(gpt, cfg.padding_side), pad_id)
@@ -241,9 +243,6 @@ def _micro_batch(b: int, wanted: int | None) -> int:
 
 # -- without the cache ------------------------------------------------------------------------------------
 def _generate_uncached(model, prompts, cfg: GenerationConfig, rows: Rows, pad_id: int) -> None:
-    from framework.inference.logits import forward_logits
-    from framework.models.unwrap import unwrap_model
-
     gpt = unwrap_model(model)
     tp = gpt.config.tensor_model_parallel_size
     multiple = tp if gpt.config.sequence_parallel else 1
@@ -271,8 +270,6 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig, pad_id: int
     slots that are never attended to. An encoder-decoder model completes its encoder inputs ``prompts``
     from ``decoder_start_id`` (default ``pad_id``: T5's decoder start is its pad token). Does not change the
     model's train/eval mode."""
-    from framework.inference import encoder_decoder
-
     problems = cfg.problems()
     if problems:
         raise ValueError("generation settings: " + "; ".join(problems))
@@ -301,8 +298,6 @@ def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_id: i
     """Greedy completion of one prompt (ids, prompt and eos excluded). Every rank calls it with the same
     prompt. A model built with sequence parallelism is decoded without the cache (``pad_multiple`` is
     unused: the uncached path pads to the TP size itself)."""
-    from framework.models.unwrap import unwrap_model
-
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=() if eos_id is None else (eos_id,),
                            use_cache=not unwrap_model(model).config.sequence_parallel)
     return generate(model, [list(prompt_ids)], cfg, pad_id=prompt_ids[-1])[0].tokens
@@ -325,8 +320,6 @@ def complete_sample(kind: str, model, sample, tokenizer, max_new_tokens: int, pa
     carry no loss (the prompt), for an encoder-decoder model its encoder input (the prompt + eos; the decoder
     starts from the pad id). ``kind`` is the model's (framework/models/kinds.py)."""
     if kind == "encoder_decoder":
-        from framework.data.seq2seq import split
-
         encoder, _ = split(sample)
         return tokenizer.decode(t5_greedy(model, encoder, max_new_tokens, tokenizer.pad_id, tokenizer.eos_id,
                                           pad_multiple))

@@ -29,6 +29,7 @@ seq2seq training sample (completion + EOS as targets); at TP (with DP), not PP.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,7 +37,23 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+
+from framework.checkpoint import hub
+from framework.data.tokenizer import Tokenizer
+from framework.inference.generate import generate
+from framework.inference.loading import load_model, trained_peft_config
+from framework.inference.metrics import best_over_references, corpus_scores, exact_match, token_f1
+from framework.inference.options import generation_config, validate_generation
+from framework.inference.requests import read_requests
+from framework.inference.scoring import corpus_loss, sample_losses
+from framework.models.kinds import ENCODER_DECODER
+from framework.models.registry import kind_of
+from framework.runtime import distributed as rtd
+from framework.runtime.errors import ConfigError
+from framework.runtime.progress import progress
+from framework.runtime.text_table import table
 
 log = logging.getLogger("framework.generate")
 
@@ -59,8 +76,6 @@ def default_paths(cfg: DictConfig) -> tuple[Path, Path | None]:
 
 def stop_ids(tokenizer, tokens) -> tuple[int, ...]:
     """EOS plus ``generate.stop_tokens`` (each must be one token of the vocabulary)."""
-    from framework.runtime.errors import ConfigError
-
     ids = [tokenizer.eos_id]
     for s in tokens or []:
         enc = tokenizer.encode(s)
@@ -73,16 +88,6 @@ def stop_ids(tokenizer, tokens) -> tuple[int, ...]:
 
 def prepare(cfg: DictConfig, world_size: int):
     """Validate the config, load the tokenizer and read every request; no process group needed."""
-    from framework.runtime.errors import ConfigError
-    from framework.inference.options import validate_generation
-    from framework.data.tokenizer import Tokenizer
-    from framework.inference.loading import trained_peft_config
-    from framework.inference.options import generation_config
-    from framework.inference.requests import read_requests
-    from framework.checkpoint import hub
-    from framework.models.kinds import ENCODER_DECODER
-    from framework.models.registry import kind_of
-
     model_cfg = validate_generation(cfg, world_size)
     if cfg.model.source != "random":
         hub.model_config_for(cfg.model)  # converts a bundled model once; checks model.arch against config.json
@@ -117,8 +122,6 @@ def _batches(requests, batch_size: int, dp_rank: int, dp: int) -> list[list[int]
 
 
 def _precision_context(precision: str, device):
-    import contextlib
-
     if precision == "bf16" and device.type == "cpu":  # as training: autocast the matmuls on CPU
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -126,8 +129,6 @@ def _precision_context(precision: str, device):
 
 def _gather(mine: dict, rt) -> dict | None:
     """Every rank's {request index: result} on global rank 0 (None elsewhere)."""
-    import torch.distributed as dist
-
     if rt.world_size == 1:
         return mine
     parts = [None] * rt.world_size if rt.is_main else None
@@ -153,10 +154,6 @@ def run(cfg: DictConfig) -> dict:
     """Run ``cfg.mode`` (generate | eval); returns the summary (on rank 0; other ranks get {})."""
     from megatron.core import parallel_state as ps
 
-    from framework.inference.generate import generate
-    from framework.inference.loading import load_model
-    from framework.runtime import distributed as rtd
-    from framework.runtime.progress import progress
 
     model_cfg, tokenizer, requests, gen = prepare(cfg, rtd.world_size_from_env())
     output, report_path = default_paths(cfg)
@@ -177,8 +174,6 @@ def run(cfg: DictConfig) -> dict:
                 mine[i] = {"text": tokenizer.decode(c.tokens), "finish_reason": c.finish_reason,
                            "new_tokens": len(c.tokens)}
             if evaluating:
-                from framework.inference.scoring import sample_losses
-
                 losses = sample_losses(model, [requests[i].target for i in batch], tokenizer.pad_id,
                                        micro_batch_size=len(batch))
                 for i, (s, n) in zip(batch, losses):
@@ -217,9 +212,6 @@ def _write_generate(cfg, requests, results, output, _report, seconds, rt) -> dic
 
 
 def _write_eval(cfg, requests, results, output, report_path, seconds, rt) -> dict:
-    from framework.inference.metrics import best_over_references, corpus_scores, exact_match, token_f1
-    from framework.inference.scoring import corpus_loss
-
     records = []
     for i, req in enumerate(requests):
         r = results[i]
@@ -247,8 +239,6 @@ def _write_eval(cfg, requests, results, output, report_path, seconds, rt) -> dic
 
 
 def _table(summary: dict, rows: list[tuple[str, str]]) -> str:
-    from framework.runtime.text_table import table
-
     head = [("samples", str(summary["samples"])), ("model", summary["model"] + (
         f" + {summary['adapter']}" if summary["adapter"] else "")), ("layout", summary["layout"]),
         ("generated tokens", f"{summary['generated_tokens']:,} in {summary['seconds']:.1f} s")]

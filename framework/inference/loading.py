@@ -17,10 +17,12 @@ import copy
 import logging
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from framework.checkpoint.model_loading import build_pretrained
 from framework.checkpoint.trained import load_trained
+from framework.peft.registry import get_method
 from framework.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,6 @@ _NOT_SETTINGS = ("format_version", "model", "base", "target_modules", "token_dim
 
 def trained_peft_config(path: str | Path, key: str = "adapter") -> dict:
     """The PEFT settings to apply before loading ``path`` (see the module docstring)."""
-    import yaml
-
     p = Path(path)
     if (p / ADAPTER_FILE).is_file():
         try:
@@ -54,8 +54,6 @@ def trained_peft_config(path: str | Path, key: str = "adapter") -> dict:
 
 
 def _base_name_differs(path: Path, cfg) -> str | None:
-    import yaml
-
     f = path / ADAPTER_FILE
     if not f.is_file():
         return None
@@ -66,8 +64,6 @@ def _base_name_differs(path: Path, cfg) -> str | None:
 
 def load_model(cfg: DictConfig, model_cfg, rt, adapter: str | None = None):
     """This rank's stage of the base model with ``adapter`` (a trained directory, or None) loaded, in eval mode."""
-    from framework.peft.registry import get_method
-
     peft = trained_peft_config(adapter) if adapter else {"method": "none"}
     get_method(peft["method"])  # an unknown method is a ConfigError naming it
     job = copy.deepcopy(cfg)

@@ -19,8 +19,10 @@ hidden] in ``config.pipeline_dtype``, so ``seq_length`` and ``micro_batch_size``
 from __future__ import annotations
 
 import torch
+
 from framework.models.unwrap import unwrap_model
 from framework.models.vocab_parallel import gather_vocab_parallel
+from framework.peft.virtual_tokens import extend_batch, num_virtual_tokens
 
 
 def _keep_logits(output_tensor: torch.Tensor):
@@ -57,8 +59,6 @@ def forward_logits(model, tokens: torch.Tensor, micro_batch_size: int | None = N
     if b % mbs:
         raise ValueError(f"forward_logits: micro_batch_size={mbs} does not divide the batch size {b}")
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    from framework.peft.virtual_tokens import extend_batch, num_virtual_tokens
-
     # Prompt methods: n virtual positions in front (and SP padding behind), dropped from the logits below.
     n_virtual, real = num_virtual_tokens(gpt), s
     tokens = extend_batch({"tokens": tokens}, n_virtual, tp if gpt.config.sequence_parallel else 1)["tokens"]

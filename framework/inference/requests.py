@@ -31,9 +31,13 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from framework.runtime.errors import DataError
+from framework.data.chat import ChatEncoder, TemplateMarkError, parse_record
+from framework.data.chat_template import ChatTemplateError
 from framework.data.jsonl import read_jsonl, type_name
+from framework.data.prompt_completion import build_sample
 from framework.data.sample import Sample
+from framework.data.seq2seq import build_seq2seq
+from framework.runtime.errors import DataError
 
 
 @dataclasses.dataclass
@@ -64,8 +68,6 @@ class _Encoder:
         self.tokenizer, self.path, self.seq2seq, self._chat = tokenizer, path, seq2seq, None
 
     def chat(self, loss_on: str = "last"):
-        from framework.data.chat import ChatEncoder
-
         if self._chat is None:
             try:
                 self._chat = ChatEncoder(self.tokenizer, loss_on=loss_on)
@@ -80,8 +82,6 @@ class _Encoder:
         return ([] if bos is None else [bos]) + self.tokenizer.encode(text)
 
     def render(self, line: int, messages, tools) -> list[int]:
-        from framework.data.chat_template import ChatTemplateError
-
         try:
             return self.tokenizer.encode(self.chat().render(messages, tools, add_generation_prompt=True))
         except ChatTemplateError as e:
@@ -89,10 +89,6 @@ class _Encoder:
 
 
 def _request(enc: _Encoder, line: int, obj: dict, references: bool, max_length: int | None) -> Request:
-    from framework.data.chat import TemplateMarkError, parse_record
-    from framework.data.chat_template import ChatTemplateError
-    from framework.data.prompt_completion import build_sample
-
     path, tok = enc.path, enc.tokenizer
     kinds = [k for k in ("prompt", "messages") if k in obj]
     if len(kinds) != 1:
@@ -131,8 +127,6 @@ def _request(enc: _Encoder, line: int, obj: dict, references: bool, max_length: 
 
 def _seq2seq_target(path, line: int, tok, prompt: str, reference: str, max_length: int | None) -> Sample:
     """The encoder-decoder training sample of a reference (the prompt cut from the left to fit)."""
-    from framework.data.seq2seq import build_seq2seq
-
     completion = tok.encode(reference)
     limit = max_length or len(completion) + 1
     if len(completion) + 1 > limit:

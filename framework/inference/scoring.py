@@ -21,9 +21,15 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
+from framework.data.batching import collate
 from framework.data.sample import Sample
+from framework.data.seq2seq import collate_seq2seq
+from framework.inference.encoder_decoder import is_encoder_decoder
 from framework.models.kinds import model_loss
+from framework.models.unwrap import unwrap_model
+from framework.peft.virtual_tokens import with_virtual_tokens
 
 
 def _forward_step(data_iterator, model):
@@ -42,15 +48,9 @@ def _forward_step(data_iterator, model):
 def sample_losses(model, samples: list[Sample], pad_id: int, micro_batch_size: int = 1) -> list[tuple[float, int]]:
     """``(sum of target-token losses, number of target tokens)`` of each sample, on every rank of the
     model-parallel group (all of which call this with the same samples)."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from framework.data.batching import collate
-    from framework.data.seq2seq import collate_seq2seq
-    from framework.inference.encoder_decoder import is_encoder_decoder
-    from framework.models.unwrap import unwrap_model
-    from framework.peft.virtual_tokens import with_virtual_tokens
 
     gpt = unwrap_model(model)
     device = next(gpt.parameters()).device

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from framework.models.rope import normalize_scaling
+
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "squared_relu")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute", "relative")
@@ -64,8 +66,6 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
         if self.parallel_attention_mlp_norms not in (1, 2):
             raise ValueError(f"parallel_attention_mlp_norms={self.parallel_attention_mlp_norms!r} must be 1 or 2")
-        from framework.models.rope import normalize_scaling
-
         self.rope_scaling = normalize_scaling(self.rope_scaling, "rope_scaling")
         for name in ("sliding_window", "embedding_multiplier"):
             value = getattr(self, name)

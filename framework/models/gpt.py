@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from framework.models import kv_replication, rope
 from framework.models.config import ModelConfig
+from framework.models.layout import pipeline_split
 from framework.models.norms import norm_class
+from framework.runtime import cpu_compat
 
 
 def activation(name: str):
@@ -26,7 +28,6 @@ def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = 
     framework/models/precision.py)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from framework.models.layout import pipeline_split
 
     if "num_layers_in_first_pipeline_stage" in settings or "num_layers_in_last_pipeline_stage" in settings:
         first = settings.pop("num_layers_in_first_pipeline_stage", None)  # the job's explicit split
@@ -97,13 +98,12 @@ def layer_spec(config, use_te: bool, parallel_norms: int = 0):
     """Transformer Engine spec on a GPU with TE; otherwise megatron's local spec with SP-capable norms and
     fused (SDPA) core attention. ``parallel_norms`` 1 or 2: Falcon's parallel attention/MLP block with that
     many norms (framework/models/parallel_block.py); 0: the sequential layer."""
-    from framework.models.parallel_block import parallel_layer_spec
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
+    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
+                                                          get_gpt_layer_with_transformer_engine_spec)
     from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+    from framework.models.parallel_block import parallel_layer_spec
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec()
         return parallel_layer_spec(spec, parallel_norms, use_te=True) if parallel_norms else spec
@@ -196,7 +196,6 @@ def build_gpt(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
     ``settings`` go to the TransformerConfig (fp8, recompute: framework/models/precision.py)."""
     from megatron.core import parallel_state
 
-    from framework.runtime import cpu_compat
 
     cpu_compat.refresh()
     on_gpu = torch.cuda.is_available()

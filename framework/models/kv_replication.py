@@ -46,10 +46,11 @@ import dataclasses
 import functools
 
 import torch
+import torch.distributed as dist
 
-from framework.runtime.errors import ConfigError
 from framework.models.fused_layout import shard
 from framework.models.unwrap import unwrap_model
+from framework.runtime.errors import ConfigError
 
 
 # -- which layouts, and what each rank holds -------------------------------------------------------------
@@ -325,7 +326,6 @@ def piece_rows(wrapper, piece) -> str | None:
 def _sum_over_copies(tensors: list[torch.Tensor], spec: Replication, first_copy_only: bool = False) -> None:
     """Each tensor (a view, written in place) replaced by its sum over the copies of this rank's KV head (or,
     ``first_copy_only``, by copy 0's value): one all-reduce of a [g, K] buffer over the TP group."""
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
     flat = torch.cat([t.reshape(-1).float() for t in tensors])

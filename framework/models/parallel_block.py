@@ -36,6 +36,7 @@ inference communication.
 
 from __future__ import annotations
 
+from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import deprecate_inference_params, make_viewless_tensor
@@ -103,8 +104,6 @@ def parallel_layer_spec(spec, norms: int, use_te: bool):
     if norms == 1:
         sub.pre_mlp_layernorm = IdentityOp
         if use_te:
-            from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
-
             sub.input_layernorm = TENorm
             sub.self_attention.submodules.linear_qkv = TEColumnParallelLinear
             sub.mlp.submodules.linear_fc1 = TEColumnParallelLinear

@@ -13,20 +13,20 @@ and the checks that run before any process group starts.
 
 from __future__ import annotations
 
+import torch
+from omegaconf import OmegaConf
+
 from framework.config.precision import FP8_RECIPES
+from framework.models.gpt import te_available
 
 
 def fp8_available() -> tuple[bool, str]:
     """(usable, why not) for Transformer Engine fp8 on this machine."""
-    import torch
-
     if not torch.cuda.is_available():
         return False, "this machine has no CUDA GPU"
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < (8, 9):
         return False, f"the GPU ({torch.cuda.get_device_name()}) is sm_{major}{minor}; fp8 needs sm_89/sm_90 or newer"
-    from framework.models.gpt import te_available
-
     if not te_available():
         return False, "Transformer Engine is not installed (pip install .[gpu], or use the NGC container)"
     return True, ""
@@ -44,8 +44,6 @@ def precision_problems(cfg) -> list[str]:
 def transformer_settings(cfg) -> dict:
     """The TransformerConfig fields the job's keys set: fp8 recipe, recompute, and an explicit uneven
     pipeline split (parallel.first_stage_layers / last_stage_layers; framework/models/layout.py)."""
-    from omegaconf import OmegaConf
-
     out = {}
     first = OmegaConf.select(cfg, "parallel.first_stage_layers", default=None)
     last = OmegaConf.select(cfg, "parallel.last_stage_layers", default=None)

@@ -43,9 +43,13 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from framework.runtime.errors import ConfigError
 from framework.models.config import ModelConfig
+from framework.models.gpt import transformer_config
 from framework.models.norms import norm_class
+from framework.models.unwrap import unwrap_model
+from framework.models.vocab_parallel import gather_vocab_parallel
+from framework.runtime import cpu_compat
+from framework.runtime.errors import ConfigError
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,9 +189,6 @@ def t5_problems(model: ModelConfig, pp: int = 1) -> list[str]:
 def build_t5(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
              params_dtype: torch.dtype = torch.float32):
     """This rank's T5Model (encoder + decoder; no pipeline stages). Process groups must exist."""
-    from framework.models.gpt import transformer_config
-    from framework.runtime import cpu_compat
-
     check_t5(model, pp)
     cpu_compat.refresh()
     on_gpu = torch.cuda.is_available()
@@ -230,8 +231,6 @@ def t5_encode(model, encoder_ids: torch.Tensor, encoder_mask: torch.Tensor | Non
     """The encoder's final states [s_enc, b, h] (sequence-parallel: this rank's [s_enc/tp, b, h] slice) of
     ``encoder_ids`` [b, s_enc], padding (``encoder_mask`` 0) hidden from its self-attention: what
     :func:`t5_logits` takes as ``encoder_hidden`` to run the decoder without the encoder."""
-    from framework.models.unwrap import unwrap_model
-
     if encoder_ids.dim() != 2:
         raise ValueError(f"t5_encode: encoder_ids must be [batch, seq], got {tuple(encoder_ids.shape)}")
     masked = _cross_mask(encoder_ids, encoder_mask, "t5_encode")
@@ -248,9 +247,6 @@ def t5_logits(model, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor,
     decoder is causal. ``encoder_hidden``: the encoder's states of these rows (:func:`t5_encode`), so only
     the decoder runs. Differentiable; call under ``torch.no_grad()`` for inference.
     """
-    from framework.models.vocab_parallel import gather_vocab_parallel
-    from framework.models.unwrap import unwrap_model
-
     if encoder_ids.dim() != 2 or decoder_ids.dim() != 2 or encoder_ids.shape[0] != decoder_ids.shape[0]:
         raise ValueError(f"t5_logits: encoder_ids and decoder_ids must be [batch, seq] with one batch size, got "
                          f"{tuple(encoder_ids.shape)} and {tuple(decoder_ids.shape)}")

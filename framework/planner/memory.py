@@ -42,10 +42,16 @@ from __future__ import annotations
 
 import dataclasses
 
+from omegaconf import OmegaConf
+
+from framework.checkpoint.model_checks import model_config
+from framework.data.seq2seq import decoder_max_length
 from framework.models.config import ModelConfig
 from framework.models.kv_replication import built_groups
-from framework.models.layout import pipeline_split
+from framework.models.layout import LayoutError, check_layout, pipeline_split
+from framework.peft.registry import moe_problems
 from framework.planner.params import CROSS_TARGETS, LORA_TARGETS, count, lora_per_layer
+from framework.runtime.errors import ConfigError
 
 GiB = 2 ** 30
 OVERHEAD = 3 * GiB
@@ -53,6 +59,7 @@ WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 3.0}
 QLORA_WEIGHT_BYTES = 0.5 + 4 / 64
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp8": 2}
 from framework.config.trainer import RECOMPUTE  # noqa: E402
+
 # Planned options: with fused attention, selective recompute keeps the same activations as none (above).
 PLANNED_RECOMPUTE = ("none", "full")
 ADAPTER_METHODS = ("lora", "dora", "qlora")
@@ -168,8 +175,6 @@ def estimate(job: Job, tp: int, pp: int, dp: int, sp: bool | None = None) -> Est
 
 def layouts(model: ModelConfig, gpus: int, gpus_per_node: int = 8) -> list[tuple[int, int, int]]:
     """(tp, pp, dp) with tp dividing heads/KV heads/vocab/ffn, tp <= a node, pp <= layers, tp*pp*dp = gpus."""
-    from framework.models.layout import LayoutError, check_layout
-
     out = []
     for tp in range(1, min(gpus, gpus_per_node) + 1):
         for pp in range(1, min(gpus // tp, model.num_layers) + 1):
@@ -203,12 +208,6 @@ def recommend(job: Job, gpus: int, gpu_memory_gib: float = 80.0, gpus_per_node: 
 
 def job_from_config(cfg, seq: int | None = None) -> Job:
     """The Job a composed fine-tuning config (conf/finetune.yaml) describes."""
-    from omegaconf import OmegaConf
-
-    from framework.runtime.errors import ConfigError
-    from framework.checkpoint.model_checks import model_config
-    from framework.data.seq2seq import decoder_max_length
-    from framework.peft.registry import moe_problems
 
     peft, model = cfg.peft, model_config(cfg)
     problems = moe_problems(peft, model)  # the job refuses MLP targets on a mixture of experts: plan no such job

@@ -30,6 +30,7 @@ import dataclasses
 
 from framework.models.config import ModelConfig
 from framework.models.kv_replication import built_groups
+from framework.peft import moe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +96,6 @@ def lora_per_layer(cfg: ModelConfig, rank: int, targets=LORA_TARGETS, tp: int = 
     row-parallel. A GPT's or T5 encoder's layer has no cross-attention: cross targets add nothing there (the
     config check refuses them for a decoder-only model)."""
     if cfg.num_experts and set(targets) & {"fc1", "fc2"}:
-        from framework.peft import moe
-
         raise ValueError(moe.config_problems({"targets": list(targets)}, cfg, moe.MLP_TARGETS, ("qkv", "proj"))[0])
     h, d, f = cfg.hidden_size, cfg.kv_channels, cfg.ffn_hidden_size
     n, g = cfg.num_attention_heads, built_groups(cfg, tp)

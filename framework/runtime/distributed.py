@@ -18,6 +18,8 @@ import socket
 import numpy as np
 import torch
 
+from framework.runtime import cpu_compat
+
 log = logging.getLogger(__name__)
 
 
@@ -89,8 +91,6 @@ def initialize(tp: int = 1, pp: int = 1, sp: bool = False, seed: int = 1234,
     rank, world, local_rank = launcher_env()
     device, backend = choose_device(local_rank)
     if device.type == "cpu":
-        from framework.runtime import cpu_compat
-
         cpu_compat.enable()
         # Two cores shared by up to 8 ranks: one intra-op thread each avoids oversubscription.
         if world > 1:

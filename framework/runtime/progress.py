@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from tqdm import tqdm
+
 
 class _Silent:
     def update(self, n=1, **postfix):
@@ -15,8 +17,6 @@ class _Silent:
 
 class _Bar:
     def __init__(self, total, desc):
-        from tqdm import tqdm
-
         self._bar = tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr,
                          bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 

@@ -46,6 +46,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import torch.distributed as dist
+
 from framework.runtime.atomic import publish, temp_dir_beside
 from framework.runtime.errors import ConfigError
 from framework.training.train_state import STATE_FILE
@@ -150,8 +152,6 @@ class Checkpoints:
         finalize functions must complete the directory. With ``async_save`` they are scheduled in the
         background and the checkpoint is published when :meth:`finalize` finds them done on every rank;
         otherwise they run here. The previous background save is finalized first."""
-        import torch.distributed as dist
-
         self.finalize()
         target = self.root / step_dir_name(step)
         box = [str(temp_dir_beside(target)) if dist.get_rank() == 0 else None]
@@ -193,8 +193,6 @@ class Checkpoints:
 
     def _publish(self, tmp: Path, target: Path, best: bool, keep_last: int | None, background: bool) -> None:
         """Every rank has written ``tmp`` completely: rename it to ``target``, set the pointers, prune."""
-        import torch.distributed as dist
-
         dist.barrier()
         try:
             if dist.get_rank() == 0:
@@ -214,8 +212,6 @@ class Checkpoints:
 
     @staticmethod
     def _discard(tmp: Path) -> None:
-        import torch.distributed as dist
-
         if dist.get_rank() == 0 and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 

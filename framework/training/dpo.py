@@ -45,6 +45,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from framework.data.preference import FORMAT, check_preference_options
+from framework.training.step import _autocast
+
 LOSSES = ("sigmoid", "robust", "ipo")
 REFERENCES = ("auto", "adapters_disabled", "frozen_copy", "precomputed")
 #: PEFT methods whose adapters can be switched off to give the reference (they wrap layers, base untouched)
@@ -195,8 +198,6 @@ def sequence_sums(values: torch.Tensor, batch: dict, m: int) -> torch.Tensor:
 def _model_forward(batch: dict, model, precision: str, device):
     """Per-token -log p of the labels [rows, s] (megatron's vocab-parallel cross entropy), the batch on
     ``device`` and its number of pairs."""
-    from framework.training.step import _autocast
-
     m = num_pairs(batch)
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with _autocast(precision, device):
@@ -327,8 +328,6 @@ def sequence_logps(model, micro_batches: list[dict], precision: str = "fp32") ->
 def job_problems(cfg) -> list[str]:
     """What a preference-tuning job needs of ``data`` and ``dpo`` (framework/training/job_config.py calls this for
     any job with a ``dpo`` node or preference data)."""
-    from framework.data.preference import FORMAT, check_preference_options
-
     fmt = cfg.data.get("format")
     if "dpo" not in cfg:
         return [f"data.format={fmt}: preference pairs train with launch/dpo.py (DPO), not the SFT job"]

@@ -31,7 +31,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
+from framework.models.unwrap import unwrap_model
+from framework.peft.wrapping import adapters_disabled, is_adapter_key
 from framework.training.dpo import num_pairs, sequence_logps
 
 TABLES_FILE = "reference_logps.safetensors"
@@ -55,8 +59,6 @@ class AdaptersDisabled(_NothingToSave):
         self.model, self.precision = model, precision
 
     def attach(self, micro_batches: list[dict], indices=None, split: str = "train") -> None:
-        from framework.peft.wrapping import adapters_disabled
-
         with adapters_disabled(self.model):
             _set(micro_batches, sequence_logps(self.model, micro_batches, self.precision))
 
@@ -75,9 +77,6 @@ def frozen_copy(policy, build):
     """``build()`` a model of the same family and layout, copy the policy's base weights into it (adapter
     tensors left out) and freeze it. Copying rather than loading the checkpoint again also makes a randomly
     initialised policy (model.source=random) its own reference."""
-    from framework.peft.wrapping import is_adapter_key
-    from framework.models.unwrap import unwrap_model
-
     ref = build()
     state = {k: v for k, v in unwrap_model(policy).state_dict().items() if not is_adapter_key(k)}
     unwrap_model(ref).load_state_dict(state, strict=True)
@@ -94,9 +93,6 @@ class Precomputed:
 
     def save(self, directory) -> None:
         """Write the tables into checkpoint ``directory`` (global rank 0; every rank holds the same)."""
-        import torch.distributed as dist
-        from safetensors.torch import save_file
-
         if dist.get_rank() == 0:
             save_file({k: v.contiguous() for k, v in self.tables.items()}, str(Path(directory) / TABLES_FILE))
 
@@ -109,8 +105,6 @@ class Precomputed:
 
 def load_tables(checkpoint, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
     """The tables a checkpoint holds, checked against this run's pair counts ``{split: pairs}``."""
-    from safetensors.torch import load_file
-
     path = Path(checkpoint) / TABLES_FILE
     tables = load_file(str(path))
     for split, n in sizes.items():
@@ -124,10 +118,8 @@ def load_tables(checkpoint, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
 def precompute_table(model, pairs, micro_batch_size: int, collate, precision: str) -> torch.Tensor:
     """float64 [len(pairs), 2] reference log-probabilities of ``pairs`` (chosen, rejected) under ``model``
     with its adapters off, the same on every rank. ``collate(list of pairs)`` makes a micro-batch."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from framework.peft.wrapping import adapters_disabled
 
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = list(range(rank, len(pairs), dp))

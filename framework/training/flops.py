@@ -31,6 +31,10 @@ no MFU.
 
 from __future__ import annotations
 
+import torch
+
+from framework.peft.registry import get_method
+
 #: bf16 dense tensor-core peak TFLOP/s per GPU (NVIDIA datasheets, without sparsity), matched in this order
 #: against ``torch.cuda.get_device_name()`` (case-insensitive substring); GH200 matches "H200".
 BF16_DENSE_PEAK = (("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0),
@@ -86,8 +90,6 @@ def step_flops(cfg, peft, rows: int, seq: int) -> float | None:
     """Model FLOPs of a training step over ``rows`` rows of ``seq`` positions (None: not counted, T5)."""
     if cfg.num_decoder_layers is not None:
         return None
-    from framework.peft.registry import get_method
-
     trains_base = get_method(peft.get("method")).trains_base
     return rows * seq * flops_per_token(cfg, seq, trains_base=trains_base, peft_gemm=peft_gemm_per_token(cfg, peft))
 
@@ -99,8 +101,6 @@ def peak_tflops(configured, device) -> float | None:
         return float(configured)
     if getattr(device, "type", None) != "cuda":
         return None
-    import torch
-
     return peak_for_name(torch.cuda.get_device_name(device))
 
 

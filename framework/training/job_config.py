@@ -20,6 +20,7 @@ from framework.models.config import ModelConfig
 from framework.models.registry import kind_of
 from framework.peft.registry import METHODS, config_problems
 from framework.runtime.errors import ConfigError
+from framework.training.dpo import job_problems
 
 
 def _raise(problems: list[str]) -> None:
@@ -42,8 +43,6 @@ def validate(cfg: DictConfig, world_size: int) -> ModelConfig:
     dpo = "dpo" in cfg or cfg.data.format == "preference"  # preference tuning (launch/dpo.py)
     problems += kind_of(model).problems(cfg, model, "dpo" if dpo else "train")  # e.g. T5: no PP, LoRA or full only
     if dpo:
-        from framework.training.dpo import job_problems
-
         problems += job_problems(cfg)
     else:
         try:  # the formats the SFT reader takes

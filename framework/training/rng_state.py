@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from framework.runtime.errors import CheckpointError
 
@@ -75,8 +77,6 @@ def _bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 def save_rng_file(path, state: dict) -> None:
     """Write ``state`` (:func:`rng_state`) to ``path``, atomically (a temporary file renamed into place)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     version, internal, gauss_next = state["python"]
     name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
@@ -108,8 +108,6 @@ def _ints(value, count: int, what: str) -> list:
 def read_rng_file(path) -> dict:
     """The state written by :func:`save_rng_file` (for :func:`set_rng_state`); CheckpointError naming the
     file if it is not one."""
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from framework.models.kinds import model_loss
+from framework.peft.virtual_tokens import with_virtual_tokens
 
 
 @dataclasses.dataclass
@@ -72,7 +73,6 @@ def forward_backward(model, micro_batches: list[dict], precision: str = "fp32") 
     DP, SP and tied embeddings, and divided by the global target-token count."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from framework.peft.virtual_tokens import with_virtual_tokens
 
     micro_batches = with_virtual_tokens(model, micro_batches)  # prompt methods: n more positions, no loss
     device = next(model.parameters()).device
@@ -106,7 +106,6 @@ def evaluate(model, micro_batches: Iterable[dict], precision: str = "fp32") -> f
     """Mean loss per target token over the given micro-batches (this rank's share), all ranks agreeing."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from framework.peft.virtual_tokens import with_virtual_tokens
 
     micro_batches = with_virtual_tokens(model, list(micro_batches))
     device = next(model.parameters()).device

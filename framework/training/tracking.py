@@ -16,12 +16,14 @@ import os
 import uuid
 from pathlib import Path
 
+import torch
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
 
 def memory_gib(device) -> dict[str, float]:
     """Resident memory of this process and, on a GPU, the peak memory allocated by torch (GiB)."""
     import psutil
-    import torch
-
     out = {"rss": psutil.Process(os.getpid()).memory_info().rss / 2 ** 30}
     if device.type == "cuda":
         out["gpu_max_allocated"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -42,14 +44,10 @@ class Tracker:
             return
         tr = cfg.trainer
         if tr.get("tensorboard", True):
-            from torch.utils.tensorboard import SummaryWriter
-
             self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=first_step)
         project = (tr.get("wandb") or {}).get("project")
         if project:
             import wandb
-            from omegaconf import OmegaConf
-
             # our own id (wandb's generator moved between releases): 8 of [0-9a-f], valid as a W&B run id
             self.wandb_run_id = wandb_run_id or uuid.uuid4().hex[:8]
             self._wandb = wandb.init(project=project, name=tr.wandb.get("run_name") or Path(output_dir).name,

@@ -43,8 +43,11 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from framework.checkpoint.dcp_pickles import check_dcp_pickles
+from framework.models.unwrap import unwrap_model
 from framework.runtime.errors import ConfigError
 from framework.training.rng_state import SUFFIX as RNG_SUFFIX
 from framework.training.rng_state import read_rng_file, rng_state, save_rng_file, set_rng_state  # noqa: F401
@@ -92,8 +95,6 @@ class LoopState:
 
 def resume_settings(cfg) -> dict:
     """The values of RESUME_KEYS in ``cfg`` (resolved; absent keys are None)."""
-    from omegaconf import OmegaConf
-
     out = {}
     for key in RESUME_KEYS:
         value = OmegaConf.select(cfg, key, default=None)
@@ -120,8 +121,6 @@ def _rng_file(directory: Path, tp: int, pp: int, dp: int) -> Path:
 
 # -- optimizer ----------------------------------------------------------------------------------------------
 def _optimizer_sharded(model, optimizer, is_loading: bool) -> dict:
-    from framework.models.unwrap import unwrap_model
-
     return optimizer.sharded_state_dict(unwrap_model(model).sharded_state_dict(), is_loading=is_loading,
                                         metadata=OPTIMIZER_METADATA)
 
@@ -215,8 +214,6 @@ def save_train_state(directory, *, model, optimizer, scheduler, order, stopper, 
     """Write ``directory`` (= CHECKPOINT/train_state); all ranks call. state.json comes last, on rank 0,
     after every rank has written its part. ``background``: leave the optimizer's tensors and state.json to
     the returned megatron AsyncRequests (state.json in their last finalize function); else returns []."""
-    import torch.distributed as dist
-
     directory = Path(directory)
     if rt.is_main:
         for sub in (RNG_DIR, OPTIMIZER_DIR):
