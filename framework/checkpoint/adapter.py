@@ -122,6 +122,12 @@ def _module_path(family: str, layer_number: int | None, target: str, module: str
     return peft_names(family, stack).layer.format(i=layer_number - 1) + module
 
 
+def wrapper_key(stack: str | None, i: int, target: str) -> str:
+    """Name of our wrapper of ``target`` in layer ``i`` (0-based) of ``stack`` in an adapter.yaml's
+    ``hf_peft.column_scales`` (framework/checkpoint/peft_layout.py)."""
+    return f"{stack + '.' if stack else ''}{i}.{target}"
+
+
 def layer_prefix(family: str, i: int, stack: str | None = None) -> str:
     """HF prefix of layer ``i`` (0-based) in the family's PEFT keys (of ``stack``'s layers, for T5)."""
     return peft_names(family, stack).layer.format(i=i)
@@ -545,4 +551,9 @@ def load_adapter(model, directory, model_cfg) -> dict:
                             f"{piece.name} is {tuple(param.shape)} (TP rank {mod.tp_rank} of {mod.tp_size}); "
                             f"does model_cfg match the model?")
                     param.copy_(value.to(param.dtype))
+            # an imported HF PEFT adapter of mixed ranks/alphas: one scale per rank column (peft_layout.py)
+            scales = (meta.get("hf_peft") or {}).get("column_scales") or {}
+            given = scales.get(wrapper_key(getattr(mod, "stack", None), (mod.layer_number or 0) - 1, mod.target))
+            if given is not None:
+                mod.scaling = torch.tensor(given, dtype=mod.lora_A.weight.dtype, device=mod.lora_A.weight.device)
     return meta

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from framework.checkpoint.adapter import (CONFIG_NAME, WEIGHTS_NAME, AdapterError, feedforward_modules, peft_names,
                                           read_adapter_config, shapes_for, target_modules)
+from framework.checkpoint.peft_layout import KEY as LAYOUT_KEY
+from framework.checkpoint.peft_layout import hf_layout
 from framework.runtime.atomic import atomic_directory
 from framework.models.config import ModelConfig
 
@@ -128,10 +130,7 @@ def export_peft(adapter_dir, out_dir, base_model_name_or_path: str | None = None
                                           f"{want[name]}")
                 if not t.is_floating_point():
                     raise PeftExportError(f"{weights}: tensor {key!r} has dtype {t.dtype}, not a float type")
-                if dtype is not None:
-                    t = t.to(DTYPES[dtype])
                 out[new] = t.contiguous()
-                nbytes += t.numel() * t.element_size()
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -143,7 +142,20 @@ def export_peft(adapter_dir, out_dir, base_model_name_or_path: str | None = None
 
     base = meta.get("base") or {}
     name = base_model_name_or_path or base.get("name") or base.get("source")
+    if LAYOUT_KEY in meta:  # imported from HF PEFT: its modules, ranks and config back (peft_layout.py)
+        try:
+            hf, config = hf_layout({k[len(PEFT_PREFIX):]: v for k, v in out.items()}, meta, model_cfg)
+        except (AdapterError, KeyError, TypeError, ValueError) as e:
+            raise PeftExportError(f"{adapter_dir / CONFIG_NAME}: bad {LAYOUT_KEY!r} section: {e}") from None
+        out = {PEFT_PREFIX + k: v.contiguous() for k, v in hf.items()}
+        if base_model_name_or_path is not None:
+            config["base_model_name_or_path"] = base_model_name_or_path
+    else:
+        config = peft_config_dict(meta, name)
+    if dtype is not None:
+        out = {k: v.to(DTYPES[dtype]) for k, v in out.items()}
+    nbytes = sum(t.numel() * t.element_size() for t in out.values())
     with atomic_directory(out_dir) as tmp:
         save_file(out, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
-        (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config_dict(meta, name), indent=2))
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
     return {"tensors": len(out), "bytes": nbytes, "seconds": time.perf_counter() - t0}

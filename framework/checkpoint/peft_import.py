@@ -39,19 +39,31 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
 
 from framework.checkpoint.adapter import (FORMAT_VERSION, AdapterError, _stacks, _write_atomically,
-                                          check_adapter_tensors, hf_module, layer_prefix, peft_names, target_modules)
+                                          check_adapter_tensors, expected_shapes, hf_module, layer_prefix, peft_names,
+                                          target_modules, wrapper_key)
+from framework.checkpoint.hf_import import safetensors_index, shard_context
+from framework.checkpoint.safetensors_stream import SafetensorsReader
+from framework.checkpoint.peft_layout import KEY as LAYOUT_KEY
+from framework.checkpoint.peft_layout import digest, entry_selects, in_layers, module_scale, pattern_value
+from framework.models import weight_table as wt
+from framework.models.fused_layout import split_qkv
 from framework.models.peft_names import LAYER_TARGETS
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_REFUSED = ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save", "layer_replication",
-            "exclude_modules", "target_parameters")
+_REFUSED = {  # config keys whose adapters do not import, and why
+    "modules_to_save": "fully trained modules do not import yet",
+    "layer_replication": "our models do not repeat layers",
+    "exclude_modules": "give the modules to adapt in target_modules",
+    "target_parameters": "adapters of bare parameters (MoE experts) have no counterpart in our wrappers",
+}
 
 
 class PeftImportError(AdapterError):
@@ -75,37 +87,46 @@ def _read(peft_dir: Path) -> tuple[dict, dict]:
 
 def _matches(module: str, entries) -> bool:
     """HF PEFT's rule: a module is targeted when its name is an entry or ends with '.' + an entry."""
-    return module in entries or any(module.endswith("." + e) for e in entries)
+    return bool(entry_selects(entries, module))
 
 
 class _Selection:
-    """Which of the family's HF modules a list of module names (target_modules, feedforward_modules) selects,
-    in every layer alike."""
+    """Which of the family's HF modules ``target_modules`` (or IA3's ``feedforward_modules``) select, layer by
+    layer, by HF PEFT's rules (``check_target_module_exists``): a list entry selects a module it names, or one
+    whose name ends with '.' + the entry, on the layers ``layers_to_transform`` / ``layers_pattern`` keep (a
+    full name selects its module whatever the layers); a string is a regex the whole name must match;
+    ``"all-linear"`` is every linear module but the output layer."""
 
-    def __init__(self, entries, key: str, path: Path, model_cfg):
-        if isinstance(entries, str):
-            raise PeftImportError(f"{path}: {key} is a regex ({entries!r}); give a list of module names")
-        self.entries, self.key, self.path, self.cfg = list(entries or []), key, path, model_cfg
+    def __init__(self, cfg: dict, key: str, path: Path, model_cfg):
+        entries = cfg.get(key)
+        self.regex, self.all_linear = None, False
+        if isinstance(entries, str) and entries.lower() == "all-linear":
+            names = peft_names(model_cfg.family)
+            self.all_linear = True
+            entries = [*_known(model_cfg, "lora"), *names.unsupported]
+            entries = [e for e in entries if e not in (names.target_name(names.embedding),
+                                                       names.target_name(names.output))]
+        elif isinstance(entries, str):
+            self.regex, entries = entries, []
+        self.entries, self.key, self.path, self.cfg, self.peft_cfg = list(entries or []), key, path, model_cfg, cfg
         self.used: set[str] = set()
 
-    def layer_module(self, module: str, stack: str | None = None) -> bool:
-        """Whether ``module`` (under a layer of ``stack``, T5's encoder or decoder) is selected; refused when
-        only some layers are."""
-        fam, hits = self.cfg.family, []
-        for i in range(dict(_stacks(self.cfg))[stack]):
-            full = layer_prefix(fam, i, stack) + module
-            hits.append(_matches(full, self.entries))
-            self.used.update(e for e in self.entries if full == e or full.endswith("." + e))
-        if any(hits) and not all(hits):
-            where = f"the {stack}'s layers" if stack else "layers"
-            raise PeftImportError(f"{self.path}: {self.key} {self.entries} select {module} in {where} "
-                                  f"{[i for i, h in enumerate(hits) if h]} only; our adapters cover every layer")
-        return all(hits) and bool(hits)
+    def selects(self, full: str) -> bool:
+        if self.regex is not None:
+            return re.fullmatch(self.regex, full) is not None
+        hit = entry_selects(self.entries, full)
+        self.used.update(hit)
+        if full in self.entries:
+            return True
+        return bool(hit) and in_layers(self.peft_cfg, full)
+
+    def layers(self, module: str, stack: str | None = None) -> list[bool]:
+        """Whether ``module`` is selected in each layer of ``stack`` (T5's encoder or decoder)."""
+        fam = self.cfg.family
+        return [self.selects(layer_prefix(fam, i, stack) + module) for i in range(dict(_stacks(self.cfg))[stack])]
 
     def model_module(self, module: str) -> bool:
-        hit = [e for e in self.entries if module == e or module.endswith("." + e)]
-        self.used.update(hit)
-        return bool(hit)
+        return self.selects(module)
 
     def check_all_used(self, known) -> None:
         """Every entry selected something; otherwise name why (a module we do not wrap) or what is known."""
@@ -114,10 +135,11 @@ class _Selection:
             if e in self.used:
                 continue
             why = next((w for m, w in names.unsupported.items() if e == m or e.endswith("." + m)), None)
-            if why:
+            if why and (not self.all_linear or e in names.unsupported):
                 raise PeftImportError(f"{self.path}: {self.key} has {e!r}: {why}")
-            raise PeftImportError(f"{self.path}: {self.key} {[e]} have no counterpart in our {self.cfg.family} "
-                                  f"model; known: {sorted(known)}")
+            if not self.all_linear:
+                raise PeftImportError(f"{self.path}: {self.key} {[e]} have no counterpart in our "
+                                      f"{self.cfg.family} model; known: {sorted(known)}")
 
 
 def _check_config(cfg: dict, path: Path, model_cfg) -> str:
@@ -128,9 +150,9 @@ def _check_config(cfg: dict, path: Path, model_cfg) -> str:
         names = peft_names(model_cfg.family)
     except AdapterError as e:
         raise PeftImportError(f"{path}: {e}") from None
-    for key in _REFUSED:
+    for key, why in _REFUSED.items():
         if cfg.get(key):
-            raise PeftImportError(f"{path}: {key}={cfg[key]!r} is not supported (one setting for every layer)")
+            raise PeftImportError(f"{path}: {key}={cfg[key]!r} is not supported: {why}")
     if names.stacks and (kind != "LORA" or cfg.get("use_dora")):
         raise PeftImportError(f"{path}: {'DoRA' if kind == 'LORA' else kind} adapters of the encoder-decoder "
                               f"{model_cfg.family} do not import (its job trains LoRA and full weights); LoRA and "
@@ -159,41 +181,44 @@ def _layer_targets(model_cfg) -> list[str]:
     return [t for t in order if any(names.module(t, gated) is not None for names in stacks)]
 
 
-def _lora_groups(tensors: dict, sel: _Selection, model_cfg, dora: bool):
-    """{target: {(stack, layer): [(module, A or None, B or None, magnitude or None), ...]}} for the targeted
-    groups (stack None for a decoder-only model; T5's 'encoder' / 'decoder')."""
+def _lora_groups(tensors: dict, sel: _Selection, cfg: dict, model_cfg, dora: bool):
+    """(targets, {(target, stack, layer): [(module path, A, B, magnitude, scale) or (path, None, ...)]}) for the
+    targeted groups (stack None for a decoder-only model; T5's 'encoder' / 'decoder'); a member HF PEFT did not
+    adapt in that layer has A = None."""
     names, fam, gated = peft_names(model_cfg.family), model_cfg.family, model_cfg.gated_linear_unit
     if sel.model_module(names.embedding) or sel.model_module(names.output):
         raise PeftImportError(f"LoRA on {names.target_name(names.embedding)} / {names.target_name(names.output)} "
                               f"does not import yet; adapt only the linear layers")
     modules = {(t, stack): hf_module(t, gated, fam, stack).names for t in _layer_targets(model_cfg)
                for stack, _ in _stacks(model_cfg) if peft_names(fam, stack).module(t, gated) is not None}
-    selected = {key: [sel.layer_module(m, key[1]) for m in mods] for key, mods in modules.items()}
+    selected = {key: [sel.layers(m, key[1]) for m in mods] for key, mods in modules.items()}
     sel.check_all_used(_known(model_cfg, "lora"))
     _check_stacks_agree(selected, modules, sel)
-    targets = [t for t in _layer_targets(model_cfg) if any(any(on) for (tt, _), on in selected.items() if tt == t)]
-    groups = {t: {} for t in targets}
+    targets = [t for t in _layer_targets(model_cfg)
+               if any(any(map(any, on)) for (tt, _), on in selected.items() if tt == t)]
+    groups = {}
     for (t, stack), mods in modules.items():
-        if t not in groups:
+        if t not in targets:
             continue
         for i in range(dict(_stacks(model_cfg))[stack]):
             entries = []
             for m, on in zip(mods, selected[(t, stack)]):
                 p = layer_prefix(fam, i, stack) + m
-                if on:
-                    a, b = tensors.pop(f"{p}.lora_A.weight", None), tensors.pop(f"{p}.lora_B.weight", None)
-                    if a is None or b is None:
-                        raise PeftImportError(f"{p}.lora_{'A' if a is None else 'B'}.weight is missing")
-                    mag = tensors.pop(f"{p}.lora_magnitude_vector", None) if dora else None
-                    if dora and mag is None:
-                        raise PeftImportError(f"{p}.lora_magnitude_vector is missing (use_dora=true)")
-                    entries.append((m, a, b, mag))
-                elif dora:
-                    raise PeftImportError(f"DoRA adapter targets part of the fused {t} group but not {m}; DoRA "
-                                          f"imports only when every module of the group is targeted")
-                else:
-                    entries.append((m, None, None, None))
-            groups[t][(stack, i)] = entries
+                if not on[i]:
+                    entries.append((p, None, None, None, None))
+                    continue
+                a, b = tensors.pop(f"{p}.lora_A.weight", None), tensors.pop(f"{p}.lora_B.weight", None)
+                if a is None or b is None:
+                    raise PeftImportError(f"{p}.lora_{'A' if a is None else 'B'}.weight is missing")
+                mag = tensors.pop(f"{p}.lora_magnitude_vector", None) if dora else None
+                if dora and mag is None:
+                    raise PeftImportError(f"{p}.lora_magnitude_vector is missing (use_dora=true)")
+                r = int(pattern_value(cfg.get("rank_pattern"), p, cfg["r"]))
+                if a.shape[0] != r or b.shape[1] != r:
+                    raise PeftImportError(f"{p}.lora_A.weight has rank {a.shape[0]} (lora_B {b.shape[1]}) but the "
+                                          f"config gives the module r={r} (r / rank_pattern)")
+                entries.append((p, a, b, mag, module_scale(cfg, p, r)))
+            groups[(t, stack, i)] = entries
     return targets, groups
 
 
@@ -203,7 +228,7 @@ def _check_stacks_agree(selected: dict, modules: dict, sel: _Selection) -> None:
     for t in dict.fromkeys(t for t, _ in selected):
         stacks = [s for tt, s in selected if tt == t]
         for j, module in enumerate(modules[(t, stacks[0])]):
-            on = {s: selected[(t, s)][j] for s in stacks}
+            on = {s: any(selected[(t, s)][j]) for s in stacks}
             if len(set(on.values())) > 1:
                 name = module.split(".", 1)[1]
                 raise PeftImportError(f"{sel.path}: {sel.key} {sel.entries} select {name} in the "
@@ -212,28 +237,96 @@ def _check_stacks_agree(selected: dict, modules: dict, sel: _Selection) -> None:
                                       f"{t} to both stacks (select it in both, e.g. {name.split('.')[-1]!r})")
 
 
-def _fuse(entries, r: int, fan_in: int):
-    """Shared A and per-module B for one fused group (see the module docstring)."""
-    present = [(a, b) for _, a, b, _ in entries if a is not None]
-    if len(present) == len(entries) and all(torch.equal(a, present[0][0]) for a, _ in present):
-        return present[0][0], [b for _, _, b, _ in entries]
-    k = len(entries)
-    A = torch.zeros(k * r, fan_in, dtype=present[0][0].dtype)
-    Bs = []
-    for j, (_, a, b, _) in enumerate(entries):
-        out = b.shape[0] if b is not None else None
-        if a is not None:
-            A[j * r:(j + 1) * r] = a
-        Bs.append((j, out, b))
-    return A, Bs
+def _blocks(entries) -> tuple[list[tuple[int, int]], int]:
+    """Rank columns [start, stop) of each member of a fused group (None for a member HF left alone), and the
+    group's width: one block shared by all when every member is there with one A and one scale (an adapter
+    we exported), otherwise one block per member side by side (see the module docstring)."""
+    present = [e for e in entries if e[1] is not None]
+    if not present:
+        return [None] * len(entries), 0
+    a0, s0 = present[0][1], present[0][4]
+    if len(present) == len(entries) and all(torch.equal(e[1], a0) and e[4] == s0 for e in present):
+        return [(0, a0.shape[0])] * len(entries), a0.shape[0]
+    blocks, start = [], 0
+    for e in entries:
+        if e[1] is None:
+            blocks.append(None)
+            continue
+        blocks.append((start, start + e[1].shape[0]))
+        start += e[1].shape[0]
+    return blocks, start
+
+
+def _base_row_norms(base_dir, module: str, model_cfg) -> torch.Tensor:
+    """||W_row|| of an HF base module (a DoRA magnitude that leaves the module unchanged)."""
+    if base_dir is None:
+        raise PeftImportError(f"{module}: the DoRA adapter leaves this module of a fused group (or layer) alone; "
+                              f"its magnitude is the base weight's row norm: pass the HF base model directory "
+                              f"(--model HF_DIR)")
+    index = safetensors_index(base_dir)
+    name = f"{module}.weight"
+    if name not in index:
+        raise PeftImportError(f"{base_dir} has no {name} (needed for the DoRA magnitude of {module})")
+    reader = SafetensorsReader(PeftImportError)
+    try:
+        w = reader.read(index[name], name).float()
+    finally:
+        reader.close()
+    if peft_names(model_cfg.family).fan_in_fan_out:  # Conv1D stores [in, out]
+        w = w.t()
+    return w.pow(2).sum(dim=1).sqrt()
+
+
+def _import_lora(tensors: dict, cfg: dict, path: Path, model_cfg, dora: bool, base_dir) -> tuple[dict, dict]:
+    """Our LoRA/DoRA tensors and adapter.yaml settings for an HF PEFT LoRA (see the module docstring)."""
+    fam = model_cfg.family
+    sel = _Selection(cfg, "target_modules", path, model_cfg)
+    targets, groups = _lora_groups(tensors, sel, cfg, model_cfg, dora)
+    if not targets:
+        raise PeftImportError(f"{path}: target_modules {cfg.get('target_modules')!r} select none of our "
+                              f"{fam} model's modules")
+    want = expected_shapes(model_cfg, targets, 1, "dora" if dora else "lora")  # rank 1: fan-in/fan-out
+    blocks = {key: _blocks(entries) for key, entries in groups.items()}
+    R = max(width for _, width in blocks.values())
+    scales = [e[4] for entries in groups.values() for e in entries if e[1] is not None]
+    rslora = bool(cfg.get("use_rslora"))
+    s = max(set(scales), key=scales.count)  # the most common scale is our wrappers' one
+    out, modules, fillers, column_scales = {}, {}, {}, {}
+    for (t, stack, i), entries in groups.items():
+        member_blocks, _ = blocks[(t, stack, i)]
+        fan_in = want[f"{entries[0][0]}.lora_A.weight"][1]
+        A = torch.zeros(R, fan_in, dtype=next((e[1].dtype for e in entries if e[1] is not None), torch.float32))
+        col = torch.full((R,), s, dtype=torch.float64)
+        for (p, a, b, mag, scale), blk in zip(entries, member_blocks):
+            fan_out = want[f"{p}.lora_B.weight"][0]
+            B = torch.zeros(fan_out, R, dtype=A.dtype)
+            if blk is not None:
+                A[blk[0]:blk[1]] = a
+                B[:, blk[0]:blk[1]] = b
+                col[blk[0]:blk[1]] = scale
+                modules[p] = [blk[0], blk[1], scale]
+            if dora:
+                if mag is None:
+                    mag = _base_row_norms(base_dir, p, model_cfg).to(A.dtype)
+                    fillers[p] = digest(mag)
+                out[f"{p}.lora_magnitude_vector"] = mag
+            elif blk is None:
+                fillers[p] = None
+            out[f"{p}.lora_B.weight"] = B
+        for p, *_ in entries:
+            out[f"{p}.lora_A.weight"] = A.clone()
+        if torch.any(col != s):
+            column_scales[wrapper_key(stack, i, t)] = col.tolist()
+    alpha = s * (math.sqrt(R) if rslora else R)
+    meta = dict(rank=R, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0), rslora=rslora, targets=targets,
+                target_modules=target_modules("dora" if dora else "lora", targets, model_cfg.gated_linear_unit, fam),
+                hf_rank=int(cfg["r"]))
+    meta[LAYOUT_KEY] = {"config": cfg, "modules": modules, "fillers": fillers, "column_scales": column_scales}
+    return out, meta
 
 
 def _check_ia3_fused_queries(key: str, vector: torch.Tensor, model_cfg) -> None:
     """IA3 on a fused qkv module: the query rows must be one (ours scales keys and values only)."""
-    from framework.checkpoint.hf_import import shard_context
-    from framework.models import weight_table as wt
-    from framework.models.fused_layout import split_qkv
-
     rows = peft_names(model_cfg.family).targets["qkv"].rows
     ours = wt.TRANSFORMS[rows].forward([vector.reshape(-1)], shard_context(model_cfg, 0, 1)) if rows else vector
     q, _, _ = split_qkv(ours.reshape(-1), model_cfg.num_attention_heads, model_cfg.num_query_groups)
@@ -242,85 +335,69 @@ def _check_ia3_fused_queries(key: str, vector: torch.Tensor, model_cfg) -> None:
                               f"scales keys and values only, so only adapters with l_q = 1 import")
 
 
-def _import_ia3(tensors: dict, cfg: dict, path: Path, model_cfg) -> tuple[list[str], dict]:
+def _import_ia3(tensors: dict, cfg: dict, path: Path, model_cfg) -> tuple[dict, dict]:
+    """Our IA3 vectors for an HF PEFT IA3: a module left alone in a layer gets ones."""
     names, fam = peft_names(model_cfg.family), model_cfg.family
-    sel = _Selection(cfg.get("target_modules"), "target_modules", path, model_cfg)
-    ff = _Selection(cfg.get("feedforward_modules"), "feedforward_modules", path, model_cfg)
-    targets = [t for t in ("k", "v", "fc2") if t in names.ia3 and sel.layer_module(names.ia3[t])]
+    sel = _Selection(cfg, "target_modules", path, model_cfg)
+    ff = _Selection(cfg, "feedforward_modules", path, model_cfg)
+    on = {t: sel.layers(names.ia3[t]) for t in ("k", "v", "fc2") if t in names.ia3}
+    targets = [t for t, hits in on.items() if any(hits)]
     sel.check_all_used(_known(model_cfg, "ia3"))
     for t in targets:
-        if ff.layer_module(names.ia3[t]) != (t == "fc2"):
-            raise PeftImportError(f"{path}: feedforward_modules must be exactly fc2's module "
-                                  f"{names.target_name(names.ia3['fc2'])!r}: ours scales its input, and the "
-                                  f"outputs of the key/value modules")
+        for i, hit in enumerate(on[t]):
+            if hit and ff.selects(layer_prefix(fam, i) + names.ia3[t]) != (t == "fc2"):
+                raise PeftImportError(f"{path}: feedforward_modules must be exactly fc2's module "
+                                      f"{names.target_name(names.ia3['fc2'])!r}: ours scales its input, and the "
+                                      f"outputs of the key/value modules")
     ff.check_all_used(_known(model_cfg, "ia3"))
-    out = {}
-    for t in targets:
-        for i in range(model_cfg.num_layers):
-            key = f"{layer_prefix(fam, i)}{names.ia3[t]}.ia3_l"
-            if key in out:
-                continue  # keys and values in one fused module
-            if key not in tensors:
-                raise PeftImportError(f"{key} is missing from {path.parent / PEFT_WEIGHTS}")
-            out[key] = tensors.pop(key)
-            if t != "fc2" and names.ia3_fused():
-                _check_ia3_fused_queries(key, out[key], model_cfg)
     if names.ia3_fused() and any(t in targets for t in ("k", "v")):
         targets = ["k", "v"] + [t for t in targets if t == "fc2"]  # the fused vector covers both
-    return targets, out
+    shapes = expected_shapes(model_cfg, targets, None, "ia3")
+    out, modules, fillers = {}, {}, {}
+    for t in targets:
+        for i in range(model_cfg.num_layers):
+            p = f"{layer_prefix(fam, i)}{names.ia3[t]}"
+            key = f"{p}.ia3_l"
+            if key in out:
+                continue  # keys and values in one fused module
+            if any(on[u][i] for u in on if names.ia3[u] == names.ia3[t]):
+                if key not in tensors:
+                    raise PeftImportError(f"{key} is missing from {path.parent / PEFT_WEIGHTS}")
+                out[key], modules[p] = tensors.pop(key), None
+                if t != "fc2" and names.ia3_fused():
+                    _check_ia3_fused_queries(key, out[key], model_cfg)
+            else:
+                out[key], fillers[p] = torch.ones(shapes[key]), None
+    meta = dict(targets=targets, target_modules=target_modules("ia3", targets, model_cfg.gated_linear_unit, fam))
+    meta[LAYOUT_KEY] = {"config": cfg, "modules": modules, "fillers": fillers}
+    return out, meta
 
 
-def import_peft(peft_dir, out_dir, model_cfg, base: dict | None = None) -> dict:
+def _unexplained(tensors: dict, path: Path, model_cfg) -> PeftImportError:
+    first = sorted(tensors)[0]
+    names = peft_names(model_cfg.family)
+    why = next((w for m, w in names.unsupported.items() if f".{m}." in f".{first}"), None)
+    return PeftImportError(f"{path} holds {len(tensors)} tensor(s) the config does not explain, first {first}"
+                           + (f": {why}" if why else ""))
+
+
+def import_peft(peft_dir, out_dir, model_cfg, base: dict | None = None, base_dir=None) -> dict:
     """Write our adapter for ``model_cfg`` (its config.json/config.yaml architecture) from an HF PEFT
-    directory; returns the adapter.yaml contents."""
-    from framework.checkpoint.adapter import expected_shapes
-
+    directory; returns the adapter.yaml contents. ``base_dir``: the HF base model directory, read only for
+    what the adapter leaves to the base (DoRA's magnitude of a module HF did not adapt)."""
     peft_dir, out_dir = Path(peft_dir), Path(out_dir)
     cfg, tensors = _read(peft_dir)
     method = _check_config(cfg, peft_dir / PEFT_CONFIG, model_cfg)
-    fam, gated = model_cfg.family, model_cfg.gated_linear_unit
     meta = {"format_version": FORMAT_VERSION, "method": method,
             "base": dict(base or {"name": cfg.get("base_model_name_or_path")}), "model": model_cfg.to_dict(),
             "imported_from": str(peft_dir)}
     if method == "ia3":
-        targets, out = _import_ia3(tensors, cfg, peft_dir / PEFT_CONFIG, model_cfg)
-        meta.update(targets=targets, target_modules=target_modules("ia3", targets, gated, fam))
+        out, settings = _import_ia3(tensors, cfg, peft_dir / PEFT_CONFIG, model_cfg)
     else:
-        r = int(cfg["r"])
-        scale = float(cfg["lora_alpha"]) / (math.sqrt(r) if cfg.get("use_rslora") else r)
-        sel = _Selection(cfg.get("target_modules"), "target_modules", peft_dir / PEFT_CONFIG, model_cfg)
-        targets, groups = _lora_groups(tensors, sel, model_cfg, method == "dora")
-        want = expected_shapes(model_cfg, targets, 1, method)  # rank 1: read fan-in/fan-out from the shapes
-        fused = {}
-        for t in targets:
-            for (stack, i), entries in groups[t].items():
-                fan_in = want[f"{layer_prefix(fam, i, stack)}{entries[0][0]}.lora_A.weight"][1]
-                fused[(t, stack, i)] = _fuse(entries, r, fan_in)
-        R = max(A.shape[0] for A, _ in fused.values())
-        out = {}
-        for (t, stack, i), (A, Bs) in fused.items():
-            A_pad = torch.zeros(R, A.shape[1], dtype=A.dtype)
-            A_pad[:A.shape[0]] = A
-            for (m, _, _, mag), b in zip(groups[t][(stack, i)], Bs):
-                p = f"{layer_prefix(fam, i, stack)}{m}"
-                fan_out = want[f"{p}.lora_B.weight"][0]
-                B = torch.zeros(fan_out, R, dtype=A.dtype)
-                if isinstance(b, tuple):  # block-diagonal placement (j, out, b)
-                    j, _, blk = b
-                    if blk is not None:
-                        B[:, j * r:(j + 1) * r] = blk
-                else:
-                    B[:, :b.shape[1]] = b
-                out[f"{p}.lora_A.weight"], out[f"{p}.lora_B.weight"] = A_pad.clone(), B
-                if mag is not None:
-                    out[f"{p}.lora_magnitude_vector"] = mag
-        alpha = scale * (math.sqrt(R) if cfg.get("use_rslora") else R)
-        meta.update(rank=R, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0),
-                    rslora=bool(cfg.get("use_rslora")), targets=targets,
-                    target_modules=target_modules(method, targets, gated, fam), hf_rank=r)
+        out, settings = _import_lora(tensors, cfg, peft_dir / PEFT_CONFIG, model_cfg, method == "dora", base_dir)
+    meta.update(settings)
     if tensors:
-        raise PeftImportError(f"{peft_dir / PEFT_WEIGHTS} holds {len(tensors)} tensor(s) the config does not "
-                              f"explain, first {sorted(tensors)[0]}")
+        raise _unexplained(tensors, peft_dir / PEFT_WEIGHTS, model_cfg)
     check_adapter_tensors(out, model_cfg, meta)
     _write_atomically(out_dir, {k: out[k] for k in sorted(out)}, meta)
     return meta

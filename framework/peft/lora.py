@@ -259,6 +259,8 @@ class LoRALinear(_LoRAWrapper):
     # -- merging ----------------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         """s * B A for this rank's shard: exactly the local block of the full update, in W's layout."""
+        if isinstance(self.scaling, torch.Tensor):  # one scale per rank column (an imported HF PEFT adapter)
+            return (self.lora_B.weight * self.scaling) @ self.lora_A.weight
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     def merge_refusal(self) -> str | None:

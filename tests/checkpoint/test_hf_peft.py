@@ -60,8 +60,8 @@ def test_hf_peft_adapter_imports_with_its_logits(tmp_path, rslora):
     expected = hf_logits(model.eval(), tokens)
 
     meta = import_peft(tmp_path / "peft", tmp_path / "ours", config_from_hf(hf.config.to_dict()))
-    # q/k/v differ (k not targeted) and gate/up differ: stacked to 3 x 4; the scale alpha/r stays the same
-    assert meta["rank"] == 12 and meta["targets"] == ["qkv", "proj", "fc1", "fc2"]
+    # q and v (k not targeted: a filler) and gate/up differ: stacked side by side to 2 x 4, scale alpha/r kept
+    assert meta["rank"] == 8 and meta["targets"] == ["qkv", "proj", "fc1", "fc2"]
     for tp in (1, 2):
         got = run_distributed(_ours_with_adapter, tp, tp, str(tmp_path / "hf"), str(tmp_path / "ours"), tokens,
                               timeout=200)
@@ -79,11 +79,11 @@ def test_bad_peft_adapters_are_refused(tmp_path):
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
                                                                     "target_modules": ["q_proj"],
-                                                                    "rank_pattern": {"q_proj": 8}}))
+                                                                    "layer_replication": [[0, 1], [0, 1]]}))
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "p" / "adapter_model.safetensors"))
-    with pytest.raises(PeftImportError, match="rank_pattern"):
+    with pytest.raises(PeftImportError, match="layer_replication"):
         import_peft(tmp_path / "p", tmp_path / "o", ModelConfig())
     (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
     with pytest.raises(PeftImportError, match="peft_type='PREFIX_TUNING'"):

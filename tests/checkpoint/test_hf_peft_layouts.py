@@ -1,0 +1,233 @@
+"""HF PEFT adapters of every layout HF PEFT writes import with PEFT's logits and export back bitwise (issue 21).
+
+On two families (Llama, Qwen2: q/k/v biases), random HF PEFT adapters (non-zero B, DoRA magnitudes and IA3
+vectors moved off their initial values) of the layouts our fused layers do not have: DoRA/LoRA on part of a
+fused group (q_proj + v_proj, gate_proj + up_proj), mixed ranks and alphas (``rank_pattern`` /
+``alpha_pattern``, rsLoRA too), adapters on some layers only (``layers_to_transform``), IA3 on keys only and
+``target_modules="all-linear"`` written as a string. Each imports (framework/checkpoint/peft_import.py) and
+gives PEFT's logits within 1e-4 at TP=1, TP=2 with sequence parallelism and PP=2 (one spawn per layout runs
+every case); exported straight away and after a save at TP=2 it gives back HF PEFT's tensors and config
+bitwise; an adapter trained beyond HF's layout (a filler moved, a module's B outside its block) exports to a
+form PEFT loads with our logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.spawn import run_distributed
+from tests.family_cases import tokens_for
+from tests.family_models import hf_model
+
+TOL = 1e-4  # fp32 logits of two implementations: the reductions' order differs (tests/tolerances.py)
+
+FAMILIES = {
+    "llama": lambda: hf_model("llama", 0, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2),
+    "qwen2": lambda: hf_model("qwen2", 1, num_hidden_layers=2),
+}
+
+
+def _cases():
+    from peft import IA3Config, LoraConfig
+
+    return {
+        "dora_q_v": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]),
+        "dora_gate_up_patterns": LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                            target_modules=["gate_proj", "up_proj", "o_proj"],
+                                            rank_pattern={"up_proj": 2}, alpha_pattern={"o_proj": 3}),
+        "lora_patterns": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "gate_proj", "down_proj"],
+                                    rank_pattern={"k_proj": 2, "model.layers.1.self_attn.q_proj": 6},
+                                    alpha_pattern={"q_proj": 3, "down_proj": 5}),
+        "rslora_some_layers": LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["v_proj", "up_proj"],
+                                         layers_to_transform=[1], layers_pattern="layers"),
+        "dora_some_layers": LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "down_proj"],
+                                       layers_to_transform=[0]),
+        "ia3_keys_some_layers": IA3Config(target_modules=["model.layers.1.self_attn.k_proj", "down_proj"],
+                                          feedforward_modules=["down_proj"]),
+        "all_linear": LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"),
+    }
+
+
+def _random_adapter(model, seed):
+    """LoRA factors N(0, 0.1), DoRA magnitudes and IA3 vectors scaled by 1 + N(0, 0.1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.1
+            if "lora_A" in n or "lora_B" in n:
+                p.copy_(noise)
+            elif "lora_magnitude" in n or "ia3_l" in n:
+                p.mul_(1 + noise)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """Every family's HF model and every case's PEFT adapter, its logits and our import of it."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from framework.checkpoint.peft_import import import_peft
+    from framework.models.registry import config_from_hf
+
+    root = tmp_path_factory.mktemp("layouts")
+    out = {}
+    for fam, make in FAMILIES.items():
+        make().save_pretrained(root / fam)
+        hf_dir = str(root / fam)
+        cfg = config_from_hf(json.loads(Path(hf_dir, "config.json").read_text()))
+        tokens = tokens_for(cfg.vocab_size, seq=10, seed=3)
+        cases = {}
+        for j, (name, peft_cfg) in enumerate(_cases().items()):
+            base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+            model = _random_adapter(get_peft_model(base, peft_cfg), seed=10 + j)
+            peft_dir = root / f"{fam}-{name}-peft"
+            model.save_pretrained(peft_dir)
+            if name == "all_linear":  # PEFT writes the module list it found; users write the string
+                c = json.loads((peft_dir / "adapter_config.json").read_text())
+                c["target_modules"] = "all-linear"
+                (peft_dir / "adapter_config.json").write_text(json.dumps(c))
+            with torch.no_grad():
+                expected = model(input_ids=tokens).logits.float()
+            meta = import_peft(peft_dir, root / f"{fam}-{name}", cfg, base_dir=hf_dir)
+            cases[name] = (str(peft_dir), str(root / f"{fam}-{name}"), expected, meta)
+        out[fam] = (hf_dir, tokens, cases)
+    return root, out
+
+
+def _logits_worker(tp, pp, sp, jobs, resave_root=None):
+    """Each rank: for every (family, hf_dir, tokens, adapters) job, our model at this layout with each adapter
+    applied and loaded in turn: {(family, case): logits} (and each adapter saved again under resave_root)."""
+    from omegaconf import OmegaConf
+
+    from framework.checkpoint.adapter import load_adapter, read_adapter_config, save_adapter
+    from framework.checkpoint.hf_import import load_hf_into_gpt
+    from framework.inference.logits import forward_logits
+    from framework.models.registry import build_model, config_from_hf
+    from framework.peft.registry import apply_peft
+    from framework.peft.wrapping import remove_peft
+    from framework.runtime.distributed import initialize
+
+    initialize(tp=tp, pp=pp, sp=sp)
+    out = {}
+    for fam, hf_dir, tokens, adapters in jobs:
+        cfg = config_from_hf(json.loads(Path(hf_dir, "config.json").read_text()))
+        model = build_model(cfg, tp=tp, pp=pp, sp=sp)
+        load_hf_into_gpt(model, hf_dir, cfg)
+        for name, adapter_dir in adapters.items():
+            meta = read_adapter_config(adapter_dir)
+            peft_cfg = {k: v for k, v in meta.items() if k not in ("format_version", "target_modules", "base", "model")}
+            apply_peft(model, OmegaConf.create({k: v for k, v in peft_cfg.items() if k != "hf_peft"}), cfg)
+            load_adapter(model, adapter_dir, cfg)
+            out[(fam, name)] = forward_logits(model.eval(), tokens)
+            if resave_root is not None:
+                save_adapter(model, Path(resave_root) / f"{fam}-{name}", peft_cfg, cfg)
+            remove_peft(model)
+    return out
+
+
+def _jobs(data, adapters=None):
+    return [(fam, hf_dir, tokens, adapters[fam] if adapters else {n: c[1] for n, c in cases.items()})
+            for fam, (hf_dir, tokens, cases) in data.items()]
+
+
+def _check(results, want, label):
+    for rank, got in enumerate(results):
+        for key, logits in got.items():
+            if logits is None:
+                continue
+            diff = (logits - want[key]).abs().max().item()
+            assert diff < TOL, f"{label} rank {rank} {key}: max |logit diff| against HF PEFT {diff:.3g}"
+
+
+def _expected(data):
+    return {(fam, n): c[2] for fam, (_, _, cases) in data.items() for n, c in cases.items()}
+
+
+def _assert_bitwise(peft_dir, back_dir, label):
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(Path(d) / "adapter_model.safetensors")) for d in (peft_dir, back_dir))
+    assert sorted(a) == sorted(b), (label, sorted(set(a) ^ set(b)))
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (label, k)
+    ca, cb = (json.loads((Path(d) / "adapter_config.json").read_text()) for d in (peft_dir, back_dir))
+    assert ca == cb, (label, {k: (ca.get(k), cb.get(k)) for k in set(ca) | set(cb) if ca.get(k) != cb.get(k)})
+
+
+def test_imported_layouts(imported):
+    """What the import made of each layout: fused groups stacked to the ranks the members have, mixed
+    scales kept per rank column, fillers where HF adapted nothing."""
+    _, data = imported
+    cases = data["llama"][2]
+    meta = cases["dora_q_v"][3]
+    assert (meta["method"], meta["targets"], meta["rank"]) == ("dora", ["qkv"], 8)
+    assert sorted(meta["hf_peft"]["fillers"]) == [f"model.layers.{i}.self_attn.k_proj" for i in range(2)]
+    meta = cases["lora_patterns"][3]
+    assert meta["rank"] == 8  # layer 1: q (6) + k (2) side by side; gate_proj (4) and an up_proj filler in fc1
+    assert meta["hf_peft"]["modules"]["model.layers.1.self_attn.q_proj"] == [0, 6, 3 / 6]
+    assert "0.qkv" in meta["hf_peft"]["column_scales"]
+    meta = cases["ia3_keys_some_layers"][3]
+    assert meta["targets"] == ["k", "fc2"] and list(meta["hf_peft"]["fillers"]) == ["model.layers.0.self_attn.k_proj"]
+
+
+@pytest.mark.timeout(600)
+def test_layouts_give_peft_logits_at_every_layout(imported, tmp_path):
+    """TP=1, TP=2 + SP (saving every adapter again from there) and PP=2: PEFT's logits; the adapters saved
+    at TP=2 export to HF PEFT's own tensors and config, bitwise, as the imports themselves do."""
+    from framework.checkpoint.peft_export import export_peft
+
+    root, data = imported
+    want = _expected(data)
+    _check(run_distributed(_logits_worker, 1, 1, 1, False, _jobs(data), timeout=300), want, "TP=1")
+    _check(run_distributed(_logits_worker, 2, 2, 1, True, _jobs(data), str(tmp_path), timeout=300), want, "TP=2+SP")
+    _check(run_distributed(_logits_worker, 2, 1, 2, False, _jobs(data), timeout=300), want, "PP=2")
+    for fam, (_, _, cases) in data.items():
+        for name, (peft_dir, ours, _, _) in cases.items():
+            export_peft(ours, tmp_path / f"{fam}-{name}-direct")
+            _assert_bitwise(peft_dir, tmp_path / f"{fam}-{name}-direct", f"{fam} {name} direct")
+            export_peft(tmp_path / f"{fam}-{name}", tmp_path / f"{fam}-{name}-back")
+            _assert_bitwise(peft_dir, tmp_path / f"{fam}-{name}-back", f"{fam} {name} via TP=2")
+
+
+@pytest.mark.timeout(300)
+def test_adapter_moved_beyond_hf_layout_exports_with_our_logits(imported, tmp_path):
+    """As if trained further: a DoRA filler's B rows and magnitude move (k_proj), a LoRA module's B gets
+    columns outside its block, an IA3 filler leaves one. The export names the moved modules (their rank and
+    alpha in the patterns) and PEFT on the HF model gives our logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from framework.checkpoint.adapter import _write_atomically, read_adapter_config, read_adapter_tensors
+    from framework.checkpoint.peft_export import export_peft
+
+    _, data = imported
+    hf_dir, tokens, cases = data["llama"]
+    moved = {}
+    g = torch.Generator().manual_seed(7)
+    for name, key in (("dora_q_v", "model.layers.1.self_attn.k_proj.lora_B.weight"),
+                      ("lora_patterns", "model.layers.0.self_attn.k_proj.lora_B.weight"),
+                      ("ia3_keys_some_layers", "model.layers.0.self_attn.k_proj.ia3_l")):
+        meta, tensors = read_adapter_config(cases[name][1]), read_adapter_tensors(cases[name][1])
+        tensors[key] = tensors[key] + torch.randn(tensors[key].shape, generator=g) * 0.5
+        if name == "dora_q_v":
+            m = "model.layers.1.self_attn.k_proj.lora_magnitude_vector"
+            tensors[m] = tensors[m] * 1.1
+        _write_atomically(tmp_path / name, tensors, meta)
+        moved[name] = str(tmp_path / name)
+    ours = run_distributed(_logits_worker, 1, 1, 1, False, _jobs({"llama": data["llama"]}, {"llama": moved}),
+                           timeout=300)[0]
+    for name in moved:
+        export_peft(tmp_path / name, tmp_path / f"{name}-peft")
+        config = json.loads((tmp_path / f"{name}-peft" / "adapter_config.json").read_text())
+        assert any("k_proj" in m for m in config["target_modules"]), (name, config["target_modules"])
+        base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        peft_model = PeftModel.from_pretrained(base, str(tmp_path / f"{name}-peft")).eval()
+        with torch.no_grad():
+            expected = peft_model(input_ids=tokens).logits.float()
+        assert (expected - cases[name][2]).abs().max().item() > 1e-3, name  # the move changed the model
+        diff = (ours[("llama", name)] - expected).abs().max().item()
+        assert diff < TOL, f"{name}: max |logit diff| between ours and PEFT on the export {diff:.3g}"
