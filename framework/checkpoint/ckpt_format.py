@@ -170,7 +170,6 @@ def save_checkpoint(model, ckpt_dir, model_cfg: ModelConfig, tokenizer_src=None,
     """
     from megatron.core import dist_checkpointing
 
-
     ckpt_dir = Path(ckpt_dir).absolute()
     tmp = ckpt_dir.parent / f".{ckpt_dir.name}.tmp"
     err = None

@@ -147,7 +147,6 @@ class HFWeights:
     def __init__(self, gpt_model, hf_dir: str | Path, model_cfg: ModelConfig):
         from megatron.core import parallel_state
 
-
         self.hf_dir = hf_dir = Path(hf_dir)
         family = _check_config(hf_dir, model_cfg)
         gpt = unwrap_model(gpt_model)

@@ -14,7 +14,6 @@ from framework.checkpoint import hub
 from framework.checkpoint.ckpt_format import load_checkpoint_into
 from framework.checkpoint.hf_import import load_hf_into_gpt
 from framework.models.precision import transformer_settings
-from framework.models.precision import transformer_settings
 from framework.models.registry import get_family
 from framework.peft.registry import apply_peft
 

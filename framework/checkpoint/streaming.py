@@ -383,7 +383,6 @@ class CheckpointParams(Mapping):
                                                                        _replace_state_dict_keys_with_sharded_keys,
                                                                        mcore_to_pyt_state_dict)
 
-
         param = self.params[name]
         value = torch.empty(param.shape, dtype=param.dtype)
         # the parameter's sharded entry (a ShardedTensor or a factory such as swiglu's) over ``value``:

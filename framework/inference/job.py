@@ -154,7 +154,6 @@ def run(cfg: DictConfig) -> dict:
     """Run ``cfg.mode`` (generate | eval); returns the summary (on rank 0; other ranks get {})."""
     from megatron.core import parallel_state as ps
 
-
     model_cfg, tokenizer, requests, gen = prepare(cfg, rtd.world_size_from_env())
     output, report_path = default_paths(cfg)
     par = cfg.parallel

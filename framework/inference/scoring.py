@@ -51,7 +51,6 @@ def sample_losses(model, samples: list[Sample], pad_id: int, micro_batch_size: i
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-
     gpt = unwrap_model(model)
     device = next(gpt.parameters()).device
     multiple = gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1

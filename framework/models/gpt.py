@@ -28,7 +28,6 @@ def transformer_config(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = 
     framework/models/precision.py)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-
     if "num_layers_in_first_pipeline_stage" in settings or "num_layers_in_last_pipeline_stage" in settings:
         first = settings.pop("num_layers_in_first_pipeline_stage", None)  # the job's explicit split
         last = settings.pop("num_layers_in_last_pipeline_stage", None)
@@ -195,7 +194,6 @@ def build_gpt(model: ModelConfig, tp: int = 1, pp: int = 1, sp: bool = False,
     """Build this rank's pipeline stage of a decoder-only GPTModel. Process groups must exist.
     ``settings`` go to the TransformerConfig (fp8, recompute: framework/models/precision.py)."""
     from megatron.core import parallel_state
-
 
     cpu_compat.refresh()
     on_gpu = torch.cuda.is_available()

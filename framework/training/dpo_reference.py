@@ -120,7 +120,6 @@ def precompute_table(model, pairs, micro_batch_size: int, collate, precision: st
     with its adapters off, the same on every rank. ``collate(list of pairs)`` makes a micro-batch."""
     from megatron.core import parallel_state as ps
 
-
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = list(range(rank, len(pairs), dp))
     chunks = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]

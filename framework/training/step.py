@@ -73,7 +73,6 @@ def forward_backward(model, micro_batches: list[dict], precision: str = "fp32") 
     DP, SP and tied embeddings, and divided by the global target-token count."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-
     micro_batches = with_virtual_tokens(model, micro_batches)  # prompt methods: n more positions, no loss
     device = next(model.parameters()).device
     seq_length, mbs = micro_batches[0]["tokens"].shape[1], micro_batches[0]["tokens"].shape[0]
@@ -105,7 +104,6 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], precision
 def evaluate(model, micro_batches: Iterable[dict], precision: str = "fp32") -> float:
     """Mean loss per target token over the given micro-batches (this rank's share), all ranks agreeing."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
 
     micro_batches = with_virtual_tokens(model, list(micro_batches))
     device = next(model.parameters()).device
