@@ -56,7 +56,8 @@ def main(argv=None) -> None:
     if Path(a.out_dir).exists() and not a.force:
         raise FileExistsError(f"{a.out_dir} exists; pass --force to replace it")
     t0 = time.perf_counter()
-    meta = import_peft(a.peft_dir, a.out_dir, model_config_of(a.model))
+    hf_base = a.model if (Path(a.model) / "config.json").is_file() else None  # DoRA fillers read its row norms
+    meta = import_peft(a.peft_dir, a.out_dir, model_config_of(a.model), base_dir=hf_base)
     from framework.checkpoint.adapter import read_adapter_tensors
 
     tensors = read_adapter_tensors(a.out_dir)

@@ -10,17 +10,20 @@ by a LoRA of k times the rank (k = 3 for q/k/v, 2 for gate/up)::
     [B_q A_q; B_k A_k; B_v A_v] = blockdiag(B_q, B_k, B_v) [A_q; A_k; A_v]
 
 so A' = cat(A_q, A_k, A_v) is shared and each module's B' holds its B in its own column block, zeros
-elsewhere. A module of the group that HF did not target (e.g. ``target_modules=[q_proj, v_proj]``) gets
-zero A and B blocks. Every target is then padded with zeros to one common rank R (our LoRA has one rank),
-and alpha is rescaled so that the scale s = alpha/r (rsLoRA: alpha/sqrt(r)) is unchanged. The result
-computes exactly HF's update (the extra rows and columns are zeros); training it further lets the zero
-blocks move, which HF's structure would not. IA3 vectors map one to one. DoRA imports only when every
-module of a fused group is targeted (a magnitude of an untargeted module would need the base weights).
-Anything else in the config (rank/alpha patterns, layers_to_transform, biases, modules_to_save) is refused.
+elsewhere; each module keeps its own rank (``rank_pattern``) and its scale (``alpha_pattern``, rsLoRA) as
+the scale of its rank columns. A module of the group that HF did not adapt (``target_modules=[q_proj,
+v_proj]``, or a layer ``layers_to_transform`` leaves out) gets no block and becomes an adapter that changes
+nothing: zero B rows, for DoRA a magnitude equal to the base row norm (read from ``base_dir``; DoRA rescales
+each row of W + s B A to its magnitude, so a row with zero delta stays W's), for IA3 ones. Every target is
+padded with zeros to one common rank R (our LoRA has one rank). The result computes exactly HF's update;
+training it further lets the zero blocks move, which HF's structure would not. adapter.yaml records HF's
+config and where each module sits (``hf_peft``, framework/checkpoint/peft_layout.py), for the export.
+``modules_to_save``, trained biases and a few rarer settings (``_REFUSED``) are refused by key.
 
 Module names are the family's (framework/models/peft_names.py, through the registry): ``target_modules`` are
 matched as HF PEFT matches them (a module whose name is an entry or ends with ``.`` + an entry, so GPT-2's
-``c_proj`` selects ``attn.c_proj`` and ``mlp.c_proj``), and must select a module in every layer or in none.
+``c_proj`` selects ``attn.c_proj`` and ``mlp.c_proj``; a string is a regex, ``"all-linear"`` every linear
+module but the output layer).
 A fused HF module (GPT-2's ``c_attn``, Falcon's ``query_key_value``, ...) is one of our layers already: its
 tensors are taken as they are (adapter.py reorders their rows on load). IA3 on such a module must leave its
 query rows at one (ours scales keys and values only); ``feedforward_modules`` must be exactly fc2's module.

@@ -231,3 +231,30 @@ def test_adapter_moved_beyond_hf_layout_exports_with_our_logits(imported, tmp_pa
         assert (expected - cases[name][2]).abs().max().item() > 1e-3, name  # the move changed the model
         diff = (ours[("llama", name)] - expected).abs().max().item()
         assert diff < TOL, f"{name}: max |logit diff| between ours and PEFT on the export {diff:.3g}"
+
+
+def test_what_still_does_not_import_is_refused_by_key(imported, tmp_path):
+    """A DoRA filler needs the base's row norms: without the HF base the import names the module (the
+    converter passes --model's HF directory, and then imports it); modules_to_save and trained biases are
+    refused by their config key."""
+    from converters import adapter_from_hf
+    from framework.checkpoint.adapter import read_adapter_config
+    from framework.checkpoint.peft_import import PeftImportError, import_peft
+    from framework.models.registry import config_from_hf
+
+    _, data = imported
+    hf_dir, _, cases = data["llama"]
+    cfg = config_from_hf(json.loads(Path(hf_dir, "config.json").read_text()))
+    peft_dir = cases["dora_q_v"][0]
+    with pytest.raises(PeftImportError, match=r"model\.layers\.0\.self_attn\.k_proj: the DoRA adapter leaves"):
+        import_peft(peft_dir, tmp_path / "no-base", cfg)
+    adapter_from_hf.main([peft_dir, str(tmp_path / "cli"), "--model", hf_dir])
+    assert read_adapter_config(tmp_path / "cli")["hf_peft"] == cases["dora_q_v"][3]["hf_peft"]
+    for key, value in (("modules_to_save", ["lm_head"]), ("bias", "lora_only")):
+        bad = tmp_path / key
+        bad.mkdir()
+        config = json.loads(Path(peft_dir, "adapter_config.json").read_text())
+        (bad / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+        (bad / "adapter_model.safetensors").write_bytes(Path(peft_dir, "adapter_model.safetensors").read_bytes())
+        with pytest.raises(PeftImportError, match=key):
+            import_peft(bad, tmp_path / f"{key}-ours", cfg, base_dir=hf_dir)
