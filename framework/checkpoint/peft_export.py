@@ -19,12 +19,17 @@ import json
 import time
 from pathlib import Path
 
+from safetensors.torch import save_file
+from tqdm import tqdm
+
 from framework.checkpoint.adapter import (CONFIG_NAME, WEIGHTS_NAME, AdapterError, feedforward_modules, peft_names,
                                           read_adapter_config, shapes_for, target_modules)
+from framework.checkpoint.hf_export import DTYPES
 from framework.checkpoint.peft_layout import KEY as LAYOUT_KEY
 from framework.checkpoint.peft_layout import hf_layout
-from framework.runtime.atomic import atomic_directory
+from framework.checkpoint.safetensors_files import open_safetensors
 from framework.models.config import ModelConfig
+from framework.runtime.atomic import atomic_directory
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -74,11 +79,6 @@ def export_peft(adapter_dir, out_dir, base_model_name_or_path: str | None = None
     ``base_model_name_or_path`` defaults to the adapter's recorded base (``base.name`` or ``base.source``).
     Returns {'tensors', 'bytes', 'seconds'}.
     """
-    from framework.checkpoint.safetensors_files import open_safetensors
-    from safetensors.torch import save_file
-
-    from framework.checkpoint.hf_export import DTYPES
-
     t0 = time.perf_counter()
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir).absolute()
     meta = read_adapter_config(adapter_dir)
@@ -106,8 +106,6 @@ def export_peft(adapter_dir, out_dir, base_model_name_or_path: str | None = None
 
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(want), unit="tensor", desc="adapter", dynamic_ncols=True)
     out, nbytes = {}, 0
     try:

@@ -46,6 +46,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from framework.checkpoint.adapter import (FORMAT_VERSION, AdapterError, _stacks, _write_atomically,
                                           check_adapter_tensors, expected_shapes, hf_module, layer_prefix, peft_names,
@@ -74,8 +75,6 @@ class PeftImportError(AdapterError):
 
 
 def _read(peft_dir: Path) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
     cfg_path, w_path = peft_dir / PEFT_CONFIG, peft_dir / PEFT_WEIGHTS
     for p in (cfg_path, w_path):
         if not p.is_file():
