@@ -225,7 +225,7 @@ class NF4Weight(nn.Module):
             if not torch.equal(rows, row_start[:, None] + torch.arange(width, device=dev)):
                 raise ValueError("NF4: each row of the weight must be a contiguous run of one source's elements")
             # per source, the range of its blocks that this weight's rows touch (stored; the rest is not)
-            src_of_row = torch.searchsorted(torch.tensor(offsets, device=dev), row_start, right=True) - 1
+            src_of_row = torch.searchsorted(torch.tensor(offsets, device=dev), row_start.contiguous(), right=True) - 1
             first_block = row_start // bs
             last_block = (row_start + width - 1) // bs
             kept, kept_means, stored_qabs, stored_scales, group_offset = [], [], [], [], 0
