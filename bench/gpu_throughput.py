@@ -168,9 +168,8 @@ def run_one(name: str, a, cfg_path: str) -> dict:
     layers = (a.layers or base.num_layers) if method == "lora" else (
         a.sft_layers or sft_layers_that_fit(base, a.seq, a.micro_batches, precision, total_mem))
     cfg = model_config(cfg_path, layers)
-    job = OmegaConf.create({"precision": precision, "fp8": {"recipe": "delayed"}, "trainer": {"recompute": "none"}})
     torch.cuda.reset_peak_memory_stats()
-    model = build_gpt(cfg, params_dtype=torch.bfloat16, **transformer_settings(job))
+    model = build_gpt(cfg, params_dtype=torch.bfloat16, **transformer_settings(precision, {"recipe": "delayed"}))
     targets = ["qkv", "proj", "fc1", "fc2"]
     peft = {"method": "none"} if method == "none" else {
         "method": "lora", "targets": targets, "rank": a.rank, "alpha": 2.0 * a.rank, "dropout": 0.0}

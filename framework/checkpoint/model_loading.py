@@ -24,7 +24,8 @@ def build_pretrained(cfg, model_cfg, rt):
     on_gpu = rt.device.type == "cuda"
     dtype = torch.bfloat16 if cfg.precision in ("bf16", "fp8") and on_gpu else torch.float32
     model = get_family(model_cfg.family).build(model_cfg, rt.tp, rt.pp, rt.sp, params_dtype=dtype,
-                                               **transformer_settings(cfg))
+                                               **transformer_settings(cfg.precision, cfg.get("fp8"),
+                                                                    cfg.get("trainer"), cfg.get("parallel")))
     if cfg.model.source == "ckpt":  # our format: dist_checkpointing reshards to this layout
         load_checkpoint_into(model, hub.model_dir(cfg.model), model_cfg)
     elif cfg.model.source != "random":

@@ -58,16 +58,16 @@ from framework.runtime.text_table import table
 log = logging.getLogger("framework.generate")
 
 
-def default_paths(cfg: DictConfig) -> tuple[Path, Path | None]:
+def default_paths(input: str, mode: str, output: str | None = None,
+                  report: str | None = None) -> tuple[Path, Path | None]:
     """(output, report): the configured paths, or INPUT's name with .completions.jsonl / .eval.jsonl and
     OUTPUT's with .report.json."""
-    inp = Path(cfg.input)
+    inp = Path(input)
     stem = inp.name[:-len(".jsonl")] if inp.name.endswith(".jsonl") else inp.name
-    suffix = ".eval.jsonl" if cfg.mode == "eval" else ".completions.jsonl"
-    out = Path(cfg.output) if cfg.get("output") else inp.with_name(stem + suffix)
-    if cfg.mode != "eval":
+    suffix = ".eval.jsonl" if mode == "eval" else ".completions.jsonl"
+    out = Path(output) if output else inp.with_name(stem + suffix)
+    if mode != "eval":
         return out, None
-    report = cfg.get("report")
     if report:
         return out, Path(report)
     ostem = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") else out.name
@@ -155,12 +155,12 @@ def run(cfg: DictConfig) -> dict:
     from megatron.core import parallel_state as ps
 
     model_cfg, tokenizer, requests, gen = prepare(cfg, rtd.world_size_from_env())
-    output, report_path = default_paths(cfg)
+    output, report_path = default_paths(cfg.input, cfg.mode, cfg.get("output"), cfg.get("report"))
     par = cfg.parallel
-    rt = rtd.initialize(tp=int(par.tensor), pp=int(par.pipeline), sp=False, seed=int(cfg.seed))
+    rt = rtd.initialize(tp=par.tensor, pp=par.pipeline, sp=False, seed=cfg.seed)
     model = load_model(cfg, model_cfg, rt, cfg.get("adapter"))
     evaluating = cfg.mode == "eval"
-    batches = _batches(requests, int(cfg.batch_size), ps.get_data_parallel_rank(), rt.dp)
+    batches = _batches(requests, cfg.batch_size, ps.get_data_parallel_rank(), rt.dp)
     mine: dict[int, dict] = {}
     t0 = time.perf_counter()
     bar = progress(sum(len(b) for b in batches), f"{cfg.mode} (DP rank 0 of {rt.dp})" if rt.dp > 1 else cfg.mode,
@@ -183,11 +183,14 @@ def run(cfg: DictConfig) -> dict:
     results = _gather(mine, rt)
     if not rt.is_main:
         return {}
-    summary = (_write_eval if evaluating else _write_generate)(cfg, requests, results, output, report_path, seconds, rt)
-    return summary
+    common = _common(cfg, results, seconds, rt)
+    if evaluating:
+        return _write_eval(common, requests, results, output, report_path)
+    return _write_generate(common, requests, results, output)
 
 
 def _common(cfg, results, seconds, rt) -> dict:
+    """What the summary of either mode reports: the job, the layout and the generation's throughput."""
     new_tokens = sum(r["new_tokens"] for r in results.values())
     return {"input": str(cfg.input), "model": cfg.model.name, "adapter": cfg.get("adapter"), "samples": len(results),
             "generated_tokens": new_tokens, "seconds": round(seconds, 3),
@@ -196,7 +199,7 @@ def _common(cfg, results, seconds, rt) -> dict:
             "generate": OmegaConf.to_container(cfg.generate, resolve=True)}
 
 
-def _write_generate(cfg, requests, results, output, _report, seconds, rt) -> dict:
+def _write_generate(common: dict, requests, results, output: Path) -> dict:
     records = []
     for i, req in enumerate(requests):
         rec = dict(req.record)
@@ -205,12 +208,12 @@ def _write_generate(cfg, requests, results, output, _report, seconds, rt) -> dic
         rec.update(completion=results[i]["text"], finish_reason=results[i]["finish_reason"])
         records.append(rec)
     _write_jsonl(output, records)
-    summary = {**_common(cfg, results, seconds, rt), "output": str(output)}
+    summary = {**common, "output": str(output)}
     print(_table(summary, [("completions", str(output))]), flush=True)
     return summary
 
 
-def _write_eval(cfg, requests, results, output, report_path, seconds, rt) -> dict:
+def _write_eval(common: dict, requests, results, output: Path, report_path: Path) -> dict:
     records = []
     for i, req in enumerate(requests):
         r = results[i]
@@ -220,7 +223,7 @@ def _write_eval(cfg, requests, results, output, report_path, seconds, rt) -> dic
                         "loss": r["loss_sum"] / r["target_tokens"], "target_tokens": r["target_tokens"]})
     _write_jsonl(output, records)
     scores = corpus_scores([results[i]["text"] for i in range(len(requests))], [r.references for r in requests])
-    summary = {**_common(cfg, results, seconds, rt),
+    summary = {**common,
                **corpus_loss([(results[i]["loss_sum"], results[i]["target_tokens"]) for i in range(len(requests))]),
                **scores, "normalization": "SQuAD: lowercase, drop punctuation and a/an/the, collapse whitespace",
                "output": str(output), "report": str(report_path)}

@@ -27,6 +27,19 @@ def pipeline_split(num_layers: int, pp: int) -> tuple[int | None, int | None]:
     return base + (rem + 1) // 2, base + rem // 2
 
 
+def stage_layers(num_layers: int, pp: int, first: int | None = None, last: int | None = None) -> list[int]:
+    """Layers on each of the ``pp`` pipeline stages: the explicit split (parallel.first_stage_layers /
+    last_stage_layers, checked by ``split_problems``) or, when neither is set, megatron's own
+    (``pipeline_split``); every middle stage takes an equal share of the rest."""
+    if pp <= 1:
+        return [num_layers]
+    if first is None and last is None:
+        first, last = pipeline_split(num_layers, pp)
+    middle = pp - (first is not None) - (last is not None)
+    each = (num_layers - (first or 0) - (last or 0)) // middle if middle else 0
+    return [each if first is None else first] + [each] * (pp - 2) + [each if last is None else last]
+
+
 def split_problems(num_layers: int, pp: int, first: int | None, last: int | None) -> list[str]:
     """What is wrong with an explicit uneven split (parallel.first_stage_layers / last_stage_layers):
     the first and last stage take the given counts, every middle stage an equal share of the rest."""

@@ -14,7 +14,6 @@ and the checks that run before any process group starts.
 from __future__ import annotations
 
 import torch
-from omegaconf import OmegaConf
 
 from framework.config.precision import FP8_RECIPES
 from framework.models.gpt import te_available
@@ -41,20 +40,22 @@ def precision_problems(cfg) -> list[str]:
     return [] if ok else [f"precision=fp8 needs Transformer Engine on a Hopper-class GPU, but {why}; use precision=bf16"]
 
 
-def transformer_settings(cfg) -> dict:
-    """The TransformerConfig fields the job's keys set: fp8 recipe, recompute, and an explicit uneven
-    pipeline split (parallel.first_stage_layers / last_stage_layers; framework/models/layout.py)."""
+def transformer_settings(precision: str = "fp32", fp8=None, trainer=None, parallel=None) -> dict:
+    """The TransformerConfig fields the job's sections set: the fp8 recipe (``precision``, the ``fp8``
+    section), activation recompute (``trainer.recompute``), and an explicit uneven pipeline split
+    (``parallel.first_stage_layers`` / ``last_stage_layers``; framework/models/layout.py). A section left out
+    sets nothing."""
     out = {}
-    first = OmegaConf.select(cfg, "parallel.first_stage_layers", default=None)
-    last = OmegaConf.select(cfg, "parallel.last_stage_layers", default=None)
+    first = None if parallel is None else parallel.get("first_stage_layers")
+    last = None if parallel is None else parallel.get("last_stage_layers")
     if first is not None or last is not None:
         out.update(num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last)
-    if cfg.get("precision") == "fp8":
-        fp8 = cfg.get("fp8") or {}
+    if precision == "fp8":
+        fp8 = fp8 or {}
         out.update(fp8=fp8.get("format", "hybrid"), fp8_recipe=FP8_RECIPES[fp8.get("recipe", "delayed")],
                    fp8_amax_history_len=int(fp8.get("amax_history_len", 1024)),
                    fp8_amax_compute_algo=fp8.get("amax_compute_algo", "max"))
-    recompute = OmegaConf.select(cfg, "trainer.recompute", default="none")
+    recompute = "none" if trainer is None else trainer.get("recompute", "none")
     if recompute == "selective":
         out.update(recompute_granularity="selective")
     elif recompute == "full":

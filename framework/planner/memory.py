@@ -45,10 +45,11 @@ import dataclasses
 from omegaconf import OmegaConf
 
 from framework.checkpoint.model_checks import model_config
+from framework.config.trainer import RECOMPUTE
 from framework.data.seq2seq import decoder_max_length
 from framework.models.config import ModelConfig
 from framework.models.kv_replication import built_groups
-from framework.models.layout import LayoutError, check_layout, pipeline_split
+from framework.models.layout import LayoutError, check_layout, stage_layers
 from framework.peft.registry import moe_problems
 from framework.planner.params import CROSS_TARGETS, LORA_TARGETS, count, lora_per_layer
 from framework.runtime.errors import ConfigError
@@ -58,7 +59,6 @@ OVERHEAD = 3 * GiB
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 3.0}
 QLORA_WEIGHT_BYTES = 0.5 + 4 / 64
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp8": 2}
-from framework.config.trainer import RECOMPUTE  # noqa: E402
 
 # Planned options: with fused attention, selective recompute keeps the same activations as none (above).
 PLANNED_RECOMPUTE = ("none", "full")
@@ -80,6 +80,8 @@ class Job:
     global_batch_size: int = 128
     recompute: str = "none"
     distributed_optimizer: bool = True
+    first_stage_layers: int | None = None  # an explicit uneven pipeline split (parallel.*); None: megatron's
+    last_stage_layers: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,14 +103,6 @@ class Estimate:
         return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.overhead
 
 
-def _stage_layers(num_layers: int, pp: int) -> tuple[int, int]:
-    """(layers on the first stage, layers on the last stage)."""
-    first, last = pipeline_split(num_layers, pp)
-    if first is None:
-        return num_layers // pp, num_layers // pp
-    return (first, num_layers - first) if pp == 2 else (first, last)
-
-
 def trainable_per_layer(job: Job, tp: int = 1, decoder: bool = False) -> int:
     """Trainable elements of one layer on one rank at TP = ``tp`` (``decoder``: of a T5 decoder layer; full
     fine-tuning of the decoder is counted whole, by params.py's ``decoder``)."""
@@ -125,7 +119,7 @@ def estimate(job: Job, tp: int, pp: int, dp: int, sp: bool | None = None) -> Est
     m = job.model
     sp = (tp > 1) if sp is None else sp
     c = count(m, tp)  # this rank's share, KV copies included
-    first, last = _stage_layers(m.num_layers, pp)
+    layers = stage_layers(m.num_layers, pp, job.first_stage_layers, job.last_stage_layers)
     tr_layer = trainable_per_layer(job, tp)
     full = job.method == "none"
     L_dec = m.num_decoder_layers or 0
@@ -169,7 +163,7 @@ def estimate(job: Job, tp: int, pp: int, dp: int, sp: bool | None = None) -> Est
         logits = s_dec * b * m.vocab_size / tp * 4 * 2 if is_last else 0
         return Estimate(tp, pp, dp, sp, job.recompute, weights, grads, optimizer, activations, logits)
 
-    stages = [stage(first, True, pp == 1)] + ([stage(last, False, True)] if pp > 1 else [])
+    stages = [stage(n, i == 0, i == pp - 1) for i, n in enumerate(layers)]
     return max(stages, key=lambda e: e.total)
 
 
@@ -223,7 +217,9 @@ def job_from_config(cfg, seq: int | None = None) -> Job:
                seq_length=seq_length, decoder_seq_length=decoder_seq if model.num_decoder_layers else None,
                micro_batch_size=int(cfg.trainer.micro_batch_size),
                global_batch_size=int(cfg.trainer.global_batch_size),
-               distributed_optimizer=bool(OmegaConf.select(cfg, "trainer.distributed_optimizer", default=True)))
+               distributed_optimizer=bool(OmegaConf.select(cfg, "trainer.distributed_optimizer", default=True)),
+               first_stage_layers=OmegaConf.select(cfg, "parallel.first_stage_layers", default=None),
+               last_stage_layers=OmegaConf.select(cfg, "parallel.last_stage_layers", default=None))
 
 
 def warn_if_unfit(job: Job, tp: int, pp: int, dp: int, sp: bool, gpu_memory_bytes: int, log) -> Estimate:

@@ -85,13 +85,13 @@ class DPOTask:
             log.info("data report (tokens count both rows of a pair)\n%s", format_reports(self.data.reports))
         log.info("reference: %s; loss: %s beta=%g label_smoothing=%g sft_weight=%g", self.kind, self.opts.loss,
                  self.opts.beta, self.opts.label_smoothing, self.opts.sft_weight)
-        self.bins = pack_pairs(cfg, self.data.train, rt)  # a global batch is then global_batch_size bins
+        self.bins = pack_pairs(cfg.data, cfg.trainer, self.data.train, rt)  # a global batch is then global_batch_size bins
         self.seq_length = None if self.bins is None else packed_length(cfg.data, rt)
         # from the starting weights, so before a resume restores the trained ones
         self.reference = build_reference(self.kind, cfg, job.model, job.model_cfg, rt, self.data,
                                          self.tokenizer.pad_id, job.resume_from)
-        self._validate = _validator(cfg, job.model, self.reference, self.data.validation, self.opts,
-                                    self.tokenizer.pad_id, rt)
+        self._validate = _validator(cfg.trainer, cfg.precision, job.model, self.reference, self.data.validation,
+                                    self.opts, self.tokenizer.pad_id, rt)
         self.device = next(job.model.parameters()).device
         return len(self.data.train) if self.bins is None else len(self.bins)
 
@@ -155,11 +155,11 @@ def packed_length(data, rt) -> int:
     return 2 * row_length(data, rt)
 
 
-def pack_pairs(cfg, pairs, rt):
+def pack_pairs(data, trainer, pairs, rt):
     """Bins of training-pair indices when data.packing is on (packed once, deterministically), else None."""
-    if not cfg.data.get("packing", False):
+    if not data.packing:
         return None
-    return pack_for_training(cfg.trainer, [pair_positions(p) for p in pairs], packed_length(cfg.data, rt), rt, log,
+    return pack_for_training(trainer, [pair_positions(p) for p in pairs], packed_length(data, rt), rt, log,
                              unit="pairs")
 
 
@@ -188,7 +188,8 @@ def pair_batches(indices: list[int], pairs, micro_batch_size: int, pad_id: int, 
 
 def build_reference(kind: str, cfg, model, model_cfg, rt, data, pad_id: int, checkpoint: Path | None = None):
     """The reference of ``dpo.reference`` (resolved): see framework/training/dpo_reference.py. Call it while
-    ``model`` holds the starting weights; precomputed tables come from ``checkpoint`` when it has them."""
+    ``model`` holds the starting weights; precomputed tables come from ``checkpoint`` when it has them. It
+    takes the job's ``cfg``: a frozen copy is the job's model built again without PEFT."""
     if kind == "adapters_disabled":
         return ref.AdaptersDisabled(model, cfg.precision)
     if kind == "frozen_copy":
@@ -211,18 +212,17 @@ def build_reference(kind: str, cfg, model, model_cfg, rt, data, pad_id: int, che
     return ref.Precomputed(tables)
 
 
-def _validator(cfg, model, reference, val_pairs, opts, pad_id: int, rt):
+def _validator(trainer, precision: str, model, reference, val_pairs, opts, pad_id: int, rt):
     """A function giving the DPO metrics over the first trainer.eval_samples validation pairs (all of them
     for null), exactly those pairs at every layout, so validations before and after a resume at another
     data-parallel size compare (early stopping, the best checkpoint). DP rank ``r`` takes the ``r``-th
     contiguous slice of ``ceil(n / DP)`` pairs (the last ranks fewer, possibly none), in micro-batches of up
     to trainer.micro_batch_size pairs, each padded to its own longest row: evaluation has no collective
     over DP before the final sum of the metrics, so ranks may run different numbers of micro-batches."""
-    tr = cfg.trainer
-    mbs = tr.micro_batch_size
-    n = len(val_pairs) if tr.get("eval_samples") is None else min(tr.eval_samples, len(val_pairs))
+    mbs = trainer.micro_batch_size
+    n = len(val_pairs) if trainer.eval_samples is None else min(trainer.eval_samples, len(val_pairs))
     if n < 1:
-        raise ConfigError(f"trainer.eval_samples={tr.eval_samples}: expected at least 1 validation pair")
+        raise ConfigError(f"trainer.eval_samples={trainer.eval_samples}: expected at least 1 validation pair")
     per_rank = math.ceil(n / rt.dp)
     rank = ps.get_data_parallel_rank()
     mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
@@ -231,7 +231,7 @@ def _validator(cfg, model, reference, val_pairs, opts, pad_id: int, rt):
 
     def validate_now() -> DPOMetrics:
         reference.attach(batches, chunks, "validation")
-        return dpo_evaluate(model, batches, opts, cfg.precision)
+        return dpo_evaluate(model, batches, opts, precision)
 
     return validate_now
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from framework.checkpoint.model_loading import build_pretrained
 from framework.data.batching import BatchOrder
@@ -41,7 +41,7 @@ from framework.training.early_stopping import EarlyStopping
 from framework.training.flops import Throughput, peak_tflops
 from framework.training.optim import build_optimizer, wrap_ddp
 from framework.training.tracking import Tracker, format_memory, memory_gib
-from framework.training.train_state import LoopState
+from framework.training.train_state import LoopState, resume_settings
 
 SUMMARY_FILE = "summary.json"
 
@@ -133,8 +133,9 @@ def run(cfg: DictConfig, task: Task):
     world = rtd.world_size_from_env()
     model_cfg = task.prepare(cfg, world)
     rt, out, ckpts, resume_from = run_setup.open_run(cfg, log)
-    model = wrap_ddp(build_pretrained(cfg, model_cfg, rt), bool(tr.get("distributed_optimizer", False)))
+    model = wrap_ddp(build_pretrained(cfg, model_cfg, rt), tr.distributed_optimizer)
     job = Job(cfg, model_cfg, rt, model, out, resume_from, log)
+    weights, settings = run_setup.TrainedWeights.of(cfg, model_cfg), resume_settings(cfg)
     order = BatchOrder(task.setup(job), tr.global_batch_size, seed=cfg.seed)
     total_steps = run_setup.total_steps(tr, order)
     optimizer, scheduler = build_optimizer(model, tr, cfg.precision, total_steps=total_steps)
@@ -144,8 +145,8 @@ def run(cfg: DictConfig, task: Task):
 
     before = None
     if resume_from is not None:
-        loop = run_setup.restore(cfg, resume_from, log, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 order=order, stopper=stopper, model_cfg=model_cfg, steps=total_steps, rt=rt)
+        loop = run_setup.restore(resume_from, weights, settings, log, model=model, optimizer=optimizer,
+                                 scheduler=scheduler, order=order, stopper=stopper, steps=total_steps, rt=rt)
         if loop.finished and (out / SUMMARY_FILE).is_file():
             log.warning("the run in %s already finished at step %d (%s); nothing to do. To train again, use "
                         "another output_dir or trainer.resume=never", out, loop.step,
@@ -159,7 +160,8 @@ def run(cfg: DictConfig, task: Task):
         if before.record is not None:
             loop.extra["val_before"] = before.record
         log.info("validation before training: %s", before.text)
-    tracker = Tracker(cfg, out, rt.is_main, first_step=loop.step + 1, wandb_run_id=loop.wandb_run_id)
+    tracker = Tracker(tr, out, rt.is_main, first_step=loop.step + 1, wandb_run_id=loop.wandb_run_id,
+                      run_config=OmegaConf.to_container(cfg, resolve=True))
     loop.wandb_run_id = tracker.wandb_run_id
     if before is not None:
         tracker.scalars(0, before.scalars)
@@ -221,9 +223,9 @@ def run(cfg: DictConfig, task: Task):
         paused = not loop.finished and steps_per_run is not None and step - first_step >= int(steps_per_run)
         if improved or loop.finished or paused or (save_interval is not None and step % int(save_interval) == 0):
             t_save = time.perf_counter()
-            run_setup.save_job_checkpoint(ckpts, cfg, model_cfg, rt, log, model=model, optimizer=optimizer,
-                                          scheduler=scheduler, order=order, stopper=stopper, loop=loop,
-                                          best=improved, also=task.save)
+            run_setup.save_job_checkpoint(ckpts, weights, settings, tr.keep_last, rt, log, model=model,
+                                          optimizer=optimizer, scheduler=scheduler, order=order, stopper=stopper,
+                                          loop=loop, best=improved, also=task.save)
             not_training += time.perf_counter() - t_save
     ckpts.finalize()  # wait for a background save and publish it before anything reads the checkpoints
     bar.close()
@@ -240,8 +242,7 @@ def run(cfg: DictConfig, task: Task):
                      stopper.best_step)
         if loop.validations:
             log.info("validation loss after training: %.4f", loop.validations[-1][1])
-        trained = run_setup.trained_dir(cfg, out)
-        run_setup.save_trained_weights(cfg, model, trained, model_cfg)
+        trained = weights.save(model, out)
         task.after_training(job)
     best = ckpts.pointer(BEST)
     result = task.result(Outcome(

@@ -2,13 +2,15 @@
 resume from and its restore, a job checkpoint's save, the run's length, the parameter counts, where the
 trained weights go, and packing of the training set.
 
-The job engine (framework/training/engine.py) calls these in order; a task never needs to. Each function
-that reports takes the job's logger, so a job's messages stay under one name (``framework.finetune``,
-``framework.dpo``).
+The job engine (framework/training/engine.py) calls these in order; a task never needs to. They take the
+sections they need; only ``open_run``, which records the whole config in the run directory, takes it all.
+Each function that reports takes the job's logger, so a job's messages stay under one name
+(``framework.finetune``, ``framework.dpo``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -18,12 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.checkpoint.trained import load_trained, save_trained
 from framework.data.packing import pack, packing_efficiency
+from framework.models.config import ModelConfig
 from framework.models.gpt import te_available
 from framework.peft.registry import get_method
 from framework.runtime import distributed as rtd
 from framework.runtime.errors import ConfigError
 from framework.training.checkpointing import TRAIN_STATE_DIR, Checkpoints
-from framework.training.train_state import (load_train_state, read_state, resume_settings, save_train_state,
+from framework.training.train_state import (load_train_state, read_state, save_train_state,
                                             settings_differences)
 
 
@@ -34,7 +37,7 @@ def open_run(cfg: DictConfig, log: logging.Logger):
     par = cfg.parallel
     rt = rtd.initialize(tp=par.tensor, pp=par.pipeline, sp=par.sequence, seed=cfg.seed)
     out = Path(cfg.output_dir)
-    ckpts = Checkpoints(out / "checkpoints", async_save=bool(cfg.trainer.get("async_save", False)))
+    ckpts = Checkpoints(out / "checkpoints", async_save=cfg.trainer.async_save)
     resume_from = resume_point(cfg.trainer, ckpts, rt, log)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -80,53 +83,72 @@ def total_steps(tr, order) -> int:
     return max(1, min(bounds))
 
 
-def trained_dir(cfg, root: Path) -> Path:
-    """Where what the PEFT method trains lives under ``root``: adapters/NAME, or weights/ for full fine-tuning."""
-    return root / "weights" if get_method(cfg.peft.method).trains_base else root / "adapters" / cfg.adapter_name
+@dataclasses.dataclass(frozen=True)
+class TrainedWeights:
+    """What a run trains (``peft``: an adapter, or the full weights for ``peft.method=none``) and where it
+    lives in a run or checkpoint directory: adapters/``adapter_name``, or weights/."""
+    peft: DictConfig
+    adapter_name: str
+    model_cfg: ModelConfig
+    base: dict                    # the base model's model.name and model.source, recorded beside the weights
+
+    @classmethod
+    def of(cls, cfg: DictConfig, model_cfg: ModelConfig) -> "TrainedWeights":
+        return cls(cfg.peft, cfg.adapter_name, model_cfg, {"name": cfg.model.name, "source": cfg.model.source})
+
+    def dir(self, root: Path) -> Path:
+        return root / "weights" if get_method(self.peft.method).trains_base else root / "adapters" / self.adapter_name
+
+    def save(self, model, root: Path) -> Path:
+        """Write them from the DDP-wrapped ``model`` under ``root`` (all ranks); returns their directory."""
+        directory = self.dir(root)
+        save_trained(model.module, directory, self.peft, self.model_cfg, base=self.base)
+        return directory
+
+    def load(self, model, root: Path) -> None:
+        load_trained(model.module, self.dir(root), self.peft, self.model_cfg)
 
 
-def save_trained_weights(cfg, model, directory: Path, model_cfg) -> None:
-    """Write what the run trains (an adapter, or full weights) of the DDP-wrapped ``model`` (all ranks)."""
-    save_trained(model.module, directory, cfg.peft, model_cfg, base={"name": cfg.model.name,
-                                                                      "source": cfg.model.source})
-
-
-def save_job_checkpoint(ckpts: Checkpoints, cfg, model_cfg, rt, log: logging.Logger, *, model, optimizer,
-                        scheduler, order, stopper, loop, best: bool, also=None) -> Path:
-    """Checkpoint ``loop.step`` (all ranks call): the trained weights (adapter, or full weights), then
-    ``also(directory)`` (a task's own files, e.g. DPO's precomputed reference), then the train state, whose
-    state.json, written last, marks the checkpoint complete (framework/training/checkpointing.py)."""
+def save_job_checkpoint(ckpts: Checkpoints, weights: TrainedWeights, settings: dict, keep_last: int | None, rt,
+                        log: logging.Logger, *, model, optimizer, scheduler, order, stopper, loop, best: bool,
+                        also=None) -> Path:
+    """Checkpoint ``loop.step`` (all ranks call): the trained weights, then ``also(directory)`` (a task's own
+    files, e.g. DPO's precomputed reference), then the train state with the run's ``settings``
+    (train_state.resume_settings), whose state.json, written last, marks the checkpoint complete
+    (framework/training/checkpointing.py). ``keep_last``: trainer.keep_last."""
     def write(directory: Path) -> list:  # megatron AsyncRequests of a background save (trainer.async_save)
-        save_trained_weights(cfg, model, trained_dir(cfg, directory), model_cfg)
+        weights.save(model, directory)
         if also is not None:
             also(directory)
         return save_train_state(directory / TRAIN_STATE_DIR, model=model, optimizer=optimizer, scheduler=scheduler,
-                                order=order, stopper=stopper, loop=loop, cfg=cfg, rt=rt, background=ckpts.async_save)
+                                order=order, stopper=stopper, loop=loop, settings=settings, rt=rt,
+                                background=ckpts.async_save)
 
-    path = ckpts.save(loop.step, write, best=best, keep_last=cfg.trainer.keep_last)
+    path = ckpts.save(loop.step, write, best=best, keep_last=keep_last)
     log.info("step %d checkpoint %s%s%s", loop.step, path, " (best validation loss so far)" if best else "",
              ": optimizer state being written in the background" if ckpts.pending else "")
     return path
 
 
-def restore(cfg, point: Path, log: logging.Logger, *, model, optimizer, scheduler, order, stopper, model_cfg,
-            steps: int, rt):
+def restore(point: Path, weights: TrainedWeights, settings: dict, log: logging.Logger, *, model, optimizer,
+            scheduler, order, stopper, steps: int, rt):
     """Load the trained weights and the train state of checkpoint ``point``; returns the loop's progress
-    (LoopState). Refuses (naming the keys) a checkpoint trained with settings that would make the
-    continuation another training run than the one it interrupted; ``steps`` is this run's length."""
+    (LoopState). Refuses (naming the keys) a checkpoint trained with ``settings`` (resume_settings) that
+    differ, which would make the continuation another training run than the one it interrupted; ``steps``
+    is this run's length."""
     state = read_state(point / TRAIN_STATE_DIR)
-    problems = settings_differences(state["settings"], resume_settings(cfg))
+    problems = settings_differences(state["settings"], settings)
     if state["total_steps"] != steps:
         problems.append(f"run length (trainer.max_steps / trainer.max_epochs): checkpoint {state['total_steps']} "
                         f"steps, now {steps} (the LR schedule depends on it)")
-    trained = trained_dir(cfg, point)
+    trained = weights.dir(point)
     if not trained.is_dir():
         problems.append(f"{trained} does not exist (adapter_name or peft.method changed?)")
     if problems:
         raise ConfigError(f"cannot resume from {point}: it belongs to a run with other settings:\n  - "
                           + "\n  - ".join(problems) + "\nresume with the same settings, or start a new run "
                           "(another output_dir, or trainer.resume=never)")
-    load_trained(model.module, trained, cfg.peft, model_cfg)
+    weights.load(model, point)
     loop = load_train_state(point / TRAIN_STATE_DIR, model=model, optimizer=optimizer, scheduler=scheduler,
                             order=order, stopper=stopper, rt=rt)
     log.info("resumed from %s: step %d of %d, epoch %d, %d of %d samples into it", point, loop.step, steps,

@@ -87,19 +87,22 @@ class SFTTask:
                 log.info("data report\n%s", r.format())
         # With data.packing the order runs over bins (rows of several samples), not samples: a global batch is
         # global_batch_size bins; see framework/data/packing.py for the semantics.
+        cfg = self.cfg
         self.bins = None
-        if self.cfg.data.get("packing", False):
-            self.bins = pack_for_training(self.cfg.trainer, [sample_positions(s) for s in self.train_set],
-                                          packed_length(self.cfg.data, job.rt), job.rt, log)
+        if cfg.data.packing:
+            self.bins = pack_for_training(cfg.trainer, [sample_positions(s) for s in self.train_set],
+                                          packed_length(cfg.data, job.rt), job.rt, log)
+        self.batches = Batches(_kind(cfg.model), cfg.trainer.micro_batch_size, self.tokenizer.pad_id, job.rt,
+                               packed_length(cfg.data, job.rt))
         self.device = next(job.model.parameters()).device
-        self._forward_step = forward_step_fn(self.cfg.precision, self.device)
-        self._validate = _validator(self.cfg, job.model, self.tokenizer, self.val_set, job.rt)
+        self._forward_step = forward_step_fn(cfg.precision, self.device)
+        self._validate = _validator(cfg.trainer, cfg.precision, job.model, self.batches, self.val_set)
         return len(self.train_set) if self.bins is None else len(self.bins)
 
     def batch(self, indices: list[int]) -> list[dict]:
         samples = indices if self.bins is None else [i for b in indices for i in self.bins[b]]
         self._tokens = sum(len(self.train_set[i].input_ids) - 1 for i in samples)
-        return _batches(indices, self.train_set, self.cfg, self.tokenizer, self.rt, self.bins)
+        return self.batches(indices, self.train_set, self.bins)
 
     def forward_step(self, data_iterator, model):
         return self._forward_step(data_iterator, model)
@@ -116,11 +119,12 @@ class SFTTask:
         """Nothing of its own: the trained weights and the train state are the whole checkpoint."""
 
     def before_training(self, loop: LoopState) -> None:
-        loop.completion_before = _complete(self.cfg, self.model, self.tokenizer, self.val_set, self.rt)
+        loop.completion_before = _complete(self.cfg.generate, self.batches, self.model, self.tokenizer, self.val_set)
 
     def after_training(self, job: Job) -> None:
-        self.test_loss = _evaluate_test(self.cfg, self.model, self.tokenizer, self.rt)
-        self.completion_after = _complete(self.cfg, self.model, self.tokenizer, self.val_set, self.rt)
+        cfg = self.cfg
+        self.test_loss = _evaluate_test(cfg.data, cfg.precision, self.model, self.tokenizer, self.batches)
+        self.completion_after = _complete(cfg.generate, self.batches, self.model, self.tokenizer, self.val_set)
 
     def result(self, o: Outcome) -> RunResult:
         loop = o.loop
@@ -161,57 +165,66 @@ def _check_memory_plan(cfg: DictConfig, world_size: int) -> None:
                   torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, log)
 
 
-def _batches(indices, dataset, cfg, tokenizer, rt, bins=None) -> list[dict]:
-    """This DP rank's micro-batches of a global batch: under PP all padded to the global batch's longest
-    (one activation shape per step), else each to its own longest (fewer padded positions, the same loss);
-    SP needs a multiple of TP. With ``bins`` (packing), ``indices`` are bin ids and every row is one packed
-    bin of ``packed_length`` positions. An encoder-decoder model's decoder starts from the pad id (T5's
-    ``decoder_start_token_id``)."""
-    mine = micro_batches(indices, ps.get_data_parallel_rank(), rt.dp, cfg.trainer.micro_batch_size)
-    if bins is not None:
-        return [collate_packed([[dataset[i] for i in bins[b]] for b in mb], tokenizer.pad_id,
-                               packed_length(cfg.data, rt)) for mb in mine]
-    return collate_global_batch(_kind(cfg), mine, indices, dataset, tokenizer.pad_id, rt.tp if rt.sp else 1,
-                                same_length=rt.pp > 1)
+@dataclasses.dataclass(frozen=True)
+class Batches:
+    """How a global batch becomes this DP rank's micro-batches: under PP all padded to the global batch's
+    longest (one activation shape per step), else each to its own longest (fewer padded positions, the same
+    loss); SP needs a multiple of TP. With ``bins`` (packing), the indices are bin ids and every row is one
+    packed bin of ``packed_length`` positions. An encoder-decoder model's decoder starts from the pad id
+    (T5's ``decoder_start_token_id``)."""
+    kind: str                     # the model's kind (framework/models/kinds.py)
+    micro_batch_size: int
+    pad_id: int
+    rt: object                    # framework.runtime.distributed Runtime: tp, dp, sp, pp
+    packed_length: int            # row length of packed bins (packed_length of data.max_length)
+
+    def __call__(self, indices, dataset, bins=None) -> list[dict]:
+        rt = self.rt
+        mine = micro_batches(indices, ps.get_data_parallel_rank(), rt.dp, self.micro_batch_size)
+        if bins is not None:
+            return [collate_packed([[dataset[i] for i in bins[b]] for b in mb], self.pad_id, self.packed_length)
+                    for mb in mine]
+        return collate_global_batch(self.kind, mine, indices, dataset, self.pad_id, rt.tp if rt.sp else 1,
+                                    same_length=rt.pp > 1)
 
 
-def _kind(cfg) -> str:
-    """The model's kind (framework/models/kinds.py): what its batches and completions look like (a lookup
-    by the family's name, cheap enough for every batch)."""
-    return get_family(cfg.model.arch.family).kind.name
+def _kind(model) -> str:
+    """The model's kind (framework/models/kinds.py) from the model section: what its batches and
+    completions look like."""
+    return get_family(model.arch.family).kind.name
 
 
-def _validator(cfg, model, tokenizer, val_set, rt):
+def _validator(trainer, precision: str, model, batches: Batches, val_set):
     """A function giving the mean validation loss per target token over exactly the first
     trainer.eval_samples validation samples (all of them when unset), the same at every layout."""
-    n = len(val_set) if cfg.trainer.get("eval_samples") is None else min(cfg.trainer.eval_samples, len(val_set))
+    n = len(val_set) if trainer.eval_samples is None else min(trainer.eval_samples, len(val_set))
     if n < 1:
-        raise ConfigError(f"trainer.eval_samples={cfg.trainer.eval_samples}: validation needs at least one sample "
+        raise ConfigError(f"trainer.eval_samples={trainer.eval_samples}: validation needs at least one sample "
                           f"(validation samples available: {len(val_set)})")
     first = Subset(val_set, range(n))
-    return lambda: _mean_loss(first, cfg, model, tokenizer, rt)
+    return lambda: _mean_loss(first, model, batches, precision)
 
 
-def _mean_loss(samples, cfg, model, tokenizer, rt) -> float:
+def _mean_loss(samples, model, batches: Batches, precision: str) -> float:
     """Mean loss per target token over ``samples``. The last micro-batch x DP group is filled with
     zero-target samples (``framework.data.views.Padded``): no sample is left out or counted twice, so the
     loss is the same at every layout."""
-    group = cfg.trainer.micro_batch_size * rt.dp
+    group = batches.micro_batch_size * batches.rt.dp
     padded = Padded(samples, group)
     groups = [list(range(i, i + group)) for i in range(0, len(padded), group)]
-    return evaluate(model, [mb for g in groups for mb in _batches(g, padded, cfg, tokenizer, rt)], cfg.precision)
+    return evaluate(model, [mb for g in groups for mb in batches(g, padded)], precision)
 
 
-def _evaluate_test(cfg, model, tokenizer, rt) -> float | None:
+def _evaluate_test(data, precision: str, model, tokenizer, batches: Batches) -> float | None:
     """Mean loss per target token over every sample of data.test (None without one), evaluated as
     validation is. The file was validated with the rest before training; with the data cache this maps
     it again."""
-    if not cfg.data.get("test"):
+    if not data.test:
         return None
-    test_set, _ = prepare_file(cfg.data, tokenizer, cfg.data.test)
-    loss = _mean_loss(test_set, cfg, model, tokenizer, rt)
+    test_set, _ = prepare_file(data, tokenizer, data.test)
+    loss = _mean_loss(test_set, model, batches, precision)
     log.info("test loss %.4f (perplexity %.2f) over %d samples of %s", loss, math.exp(loss), len(test_set),
-             cfg.data.test)
+             data.test)
     return loss
 
 
@@ -222,17 +235,20 @@ def evaluate_adapter(cfg: DictConfig, adapter_dir: str) -> float:
     rt = rtd.initialize(tp=par.tensor, pp=par.pipeline, sp=par.sequence, seed=cfg.seed)
     model = build_pretrained(cfg, model_cfg, rt)
     load_trained(model, adapter_dir, cfg.peft, model_cfg)
-    return _validator(cfg, model, tokenizer, val_set, rt)()
+    batches = Batches(_kind(cfg.model), cfg.trainer.micro_batch_size, tokenizer.pad_id, rt,
+                      packed_length(cfg.data, rt))
+    return _validator(cfg.trainer, cfg.precision, model, batches, val_set)()
 
 
-def _complete(cfg, model, tokenizer, val_set, rt) -> str | None:
+def _complete(generate, batches: Batches, model, tokenizer, val_set) -> str | None:
     """Greedy completion of one held-out prompt (the prompt part of a validation sample; for an
-    encoder-decoder model its encoder input, the prompt + eos)."""
-    n = cfg.generate.max_new_tokens
+    encoder-decoder model its encoder input, the prompt + eos); ``generate``: the generate section."""
+    n = generate.max_new_tokens
     if n <= 0:
         return None
-    sample = val_set[cfg.generate.sample % len(val_set)]
-    return complete_sample(_kind(cfg), model, sample, tokenizer, n, rt.tp if rt.sp else 1)
+    sample = val_set[generate.sample % len(val_set)]
+    rt = batches.rt
+    return complete_sample(batches.kind, model, sample, tokenizer, n, rt.tp if rt.sp else 1)
 
 
 def summary_table(r: RunResult, rt) -> str:

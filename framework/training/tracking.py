@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -37,12 +36,15 @@ def format_memory(mem: dict[str, float]) -> str:
 class Tracker:
     """Scalars to TensorBoard and W&B (each optional); a no-op off rank 0."""
 
-    def __init__(self, cfg, output_dir: Path, enabled: bool, first_step: int, wandb_run_id: str | None):
+    def __init__(self, trainer, output_dir: Path, enabled: bool, first_step: int, wandb_run_id: str | None,
+                 run_config: dict | None = None):
+        """``trainer``: the trainer section (tensorboard, wandb.project, wandb.run_name); ``run_config``: the
+        job's whole resolved config, recorded with a W&B run."""
         self._tb = self._wandb = None
         self.wandb_run_id = wandb_run_id
         if not enabled:
             return
-        tr = cfg.trainer
+        tr = trainer
         if tr.get("tensorboard", True):
             self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"), purge_step=first_step)
         project = (tr.get("wandb") or {}).get("project")
@@ -52,7 +54,7 @@ class Tracker:
             self.wandb_run_id = wandb_run_id or uuid.uuid4().hex[:8]
             self._wandb = wandb.init(project=project, name=tr.wandb.get("run_name") or Path(output_dir).name,
                                      id=self.wandb_run_id, resume="allow", dir=str(output_dir),
-                                     config=OmegaConf.to_container(cfg, resolve=True))
+                                     config=run_config)
 
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
         values = {k: float(v) for k, v in values.items() if v is not None}

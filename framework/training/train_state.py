@@ -209,11 +209,12 @@ def _set_distributed_steps(optimizer, steps: list) -> None:
 
 
 # -- the whole train state ------------------------------------------------------------------------------------
-def save_train_state(directory, *, model, optimizer, scheduler, order, stopper, loop: LoopState, cfg, rt,
-                     background: bool = False) -> list:
+def save_train_state(directory, *, model, optimizer, scheduler, order, stopper, loop: LoopState, settings: dict,
+                     rt, background: bool = False) -> list:
     """Write ``directory`` (= CHECKPOINT/train_state); all ranks call. state.json comes last, on rank 0,
     after every rank has written its part. ``background``: leave the optimizer's tensors and state.json to
-    the returned megatron AsyncRequests (state.json in their last finalize function); else returns []."""
+    the returned megatron AsyncRequests (state.json in their last finalize function); else returns [].
+    ``settings``: the run's resume_settings, which a resume must match."""
     directory = Path(directory)
     if rt.is_main:
         for sub in (RNG_DIR, OPTIMIZER_DIR):
@@ -230,7 +231,7 @@ def save_train_state(directory, *, model, optimizer, scheduler, order, stopper, 
                        "scheduler": scheduler.state_dict(), "data_order": order.state_dict(),
                        "early_stopping": stopper.state_dict(), "layout": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp},
                        "optimizer": {"distributed": distributed, **(OPTIMIZER_METADATA if distributed else {})},
-                       "settings": resume_settings(cfg)}, indent=1) if rt.is_main else None
+                       "settings": settings}, indent=1) if rt.is_main else None
 
     def write_state_json() -> None:
         if rt.is_main:

@@ -56,3 +56,23 @@ def test_explicit_pipeline_split(tmp_path):
     assert split_problems(6, 4, 2, 2) == []
     assert "leave 1 of the model's 6 layers for 2 other stage(s)" in split_problems(6, 4, 2, 3)[0]
     assert "need parallel.pipeline >= 2" in split_problems(6, 1, 2, None)[0]
+
+
+@pytest.mark.parametrize("layers,pp,first,last", [(5, 2, None, None), (5, 3, None, None), (7, 4, None, None),
+                                                  (8, 4, None, None), (5, 2, 1, None), (6, 3, 2, 2),
+                                                  (6, 4, 2, 2), (9, 4, None, 3), (4, 1, None, None)])
+def test_stage_layers_are_megatrons(layers, pp, first, last):
+    """``stage_layers`` (what the planner sizes) is the count megatron-core builds on each stage, for
+    the automatic split and for explicit ones."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    from framework.models.config import ModelConfig
+    from framework.models.gpt import transformer_config
+    from framework.models.layout import stage_layers
+
+    settings = {} if first is None and last is None else dict(num_layers_in_first_pipeline_stage=first,
+                                                               num_layers_in_last_pipeline_stage=last)
+    config = transformer_config(ModelConfig(num_layers=layers), pp=pp, **settings)
+    built = [get_num_layers_to_build(config, pp_rank=r) for r in range(pp)]
+    assert stage_layers(layers, pp, first, last) == built
+    assert sum(built) == layers

@@ -30,7 +30,7 @@ def test_fp8_settings_reach_the_transformer_config():
     from framework.models.precision import transformer_settings
 
     cfg = compose(["precision=fp8", "fp8.recipe=current", "trainer.recompute=full"])
-    assert transformer_settings(cfg) == dict(
+    assert transformer_settings(cfg.precision, cfg.fp8, cfg.trainer, cfg.parallel) == dict(
         fp8="hybrid", fp8_recipe="tensorwise", fp8_amax_history_len=1024, fp8_amax_compute_algo="max",
         recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
 
@@ -44,7 +44,7 @@ def _loss_and_grads(recompute: str, tp: int, method: str = "none"):
     from framework.training.step import forward_backward
 
     initialize(tp=tp, pp=1, seed=3)
-    settings = transformer_settings(compose([f"trainer.recompute={recompute}"]))
+    settings = transformer_settings(trainer=compose([f"trainer.recompute={recompute}"]).trainer)
     model = build_gpt(ModelConfig(num_layers=3, num_query_groups=2), tp=tp, **settings)
     if recompute != "none":
         assert model.config.recompute_granularity == recompute
