@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.peft.wrapping import (Piece, PeftWrapper, check_targets, init_seed, mark, param_like,
-                                     seeded_generator, wrap_targets)
+from framework.peft.lora import targets_problems
+from framework.peft.wrapping import (PeftWrapper, Piece, check_targets, init_seed, mark, param_like, seeded_generator,
+                                     wrap_targets)
 
 ADAPTER_TARGETS = {"attention": "proj", "mlp": "fc2"}
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -129,8 +130,6 @@ def apply_adapters(model: nn.Module, targets=("attention", "mlp"), bottleneck: i
 
 def config_problems(cfg, model_cfg) -> list[str]:
     """Checks of ``cfg.peft`` for bottleneck adapters (bottleneck, activation, targets)."""
-    from framework.peft.lora import targets_problems
-
     peft, problems = cfg.peft, []
     b = peft.get("bottleneck")
     if not isinstance(b, int) or isinstance(b, bool) or b < 1:

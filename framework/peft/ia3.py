@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from framework.peft.wrapping import Piece, PeftWrapper, check_targets, mark, param_like, wrap_targets
+from framework.peft.lora import targets_problems
+from framework.peft.wrapping import PeftWrapper, Piece, check_targets, mark, param_like, wrap_targets
 
 IA3_TARGETS = ("k", "v", "fc2")
 _DESCRIBE = "k: keys, v: values (the k and v rows of the fused qkv output), fc2: the MLP intermediate activation"
@@ -170,8 +171,6 @@ def apply_ia3(model: nn.Module, targets=IA3_TARGETS) -> list[str]:
 
 def config_problems(cfg, model_cfg) -> list[str]:
     """Checks of ``cfg.peft`` for IA3 (its targets)."""
-    from framework.peft.lora import targets_problems
-
     return targets_problems(cfg.peft, IA3_TARGETS, "IA3")
 
 

@@ -19,11 +19,15 @@ that the encoder still produces the saved table.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from framework.peft.virtual_tokens import (VirtualTokenError, VirtualTokenSource, install, plain_config,
-                                           prompt_source, read_prompt_adapter, save_prompt_adapter)
+from framework.peft.virtual_tokens import VirtualTokenError, VirtualTokenSource
+from framework.peft.virtual_tokens import config_problems as shared
+from framework.peft.virtual_tokens import install, plain_config, prompt_source, read_prompt_adapter, save_prompt_adapter
 
 ENCODERS = ("MLP", "LSTM")
 ENCODER_FILE = "prompt_encoder.safetensors"
@@ -97,9 +101,6 @@ def save(model, directory, peft_cfg, model_cfg, base=None):
 
 def load(model, directory, model_cfg) -> dict:
     """Load a P-tuning directory into a P-tuning model (encoder weights), checking it reproduces the table."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
 
     meta, table = read_prompt_adapter(directory, model, ("ptuning",))
     enc = prompt_source(model)
@@ -126,8 +127,6 @@ def load(model, directory, model_cfg) -> dict:
 
 
 def config_problems(cfg, model_cfg) -> list[str]:
-    from framework.peft.virtual_tokens import config_problems as shared
-
     peft = cfg.peft
     problems = shared(cfg, model_cfg)
     kind = peft.get("encoder_reparameterization_type")

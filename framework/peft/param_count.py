@@ -28,7 +28,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from framework.models.kv_replication import extra_copies
+from framework.models.registry import get_family
+from framework.peft.nf4 import NF4Weight
 from framework.peft.qlora import quantized_numel
+from framework.peft.registry import apply_peft
 
 
 @dataclasses.dataclass
@@ -65,10 +68,6 @@ def count_parameters(model) -> tuple[int, int]:
 
 def count_on_meta(model_cfg, peft_cfg, **build_kwargs) -> ParamCount:
     """Build ``model_cfg`` on the meta device, apply ``peft_cfg`` (an OmegaConf node with ``method``), count."""
-    from framework.models.registry import get_family
-    from framework.peft.nf4 import NF4Weight
-    from framework.peft.registry import apply_peft
-
     with torch.device("meta"):
         model = get_family(model_cfg.family).build(model_cfg, 1, 1, False, **build_kwargs)
         apply_peft(model, peft_cfg, model_cfg)

@@ -22,8 +22,10 @@ import math
 import torch
 from torch import nn
 
-from framework.peft.virtual_tokens import (VirtualTokenError, VirtualTokenSource, install, plain_config,
-                                           prompt_source, read_prompt_adapter, save_prompt_adapter, vocab_rows)
+from framework.peft.virtual_tokens import VirtualTokenError, VirtualTokenSource
+from framework.peft.virtual_tokens import config_problems as shared
+from framework.peft.virtual_tokens import (install, plain_config, prompt_source, read_prompt_adapter,
+                                           save_prompt_adapter, vocab_rows)
 
 INITS = ("random", "vocab", "text")
 
@@ -107,8 +109,6 @@ def load(model, directory, model_cfg) -> dict:
 
 
 def config_problems(cfg, model_cfg) -> list[str]:
-    from framework.peft.virtual_tokens import config_problems as shared
-
     peft = cfg.peft
     problems = shared(cfg, model_cfg)
     init = peft.get("init", "random")

@@ -18,6 +18,12 @@ import dataclasses
 import importlib
 from typing import Callable
 
+from framework.models.unwrap import unwrap_model
+from framework.peft import moe
+from framework.peft.lora import apply_lora
+from framework.peft.qlora import apply_qlora
+from framework.runtime.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:
@@ -48,15 +54,11 @@ def _lazy(module: str, name: str) -> Callable:
 
 
 def _apply_lora(model, peft_cfg, model_cfg):
-    from framework.peft.lora import apply_lora
-
     apply_lora(model, targets=tuple(peft_cfg.targets), rank=int(peft_cfg.rank), alpha=float(peft_cfg.alpha),
                dropout=float(peft_cfg.dropout), rslora=bool(peft_cfg.get("rslora", False)))
 
 
 def _apply_qlora(model, peft_cfg, model_cfg):
-    from framework.peft.qlora import apply_qlora
-
     apply_qlora(model, targets=tuple(peft_cfg.targets), rank=int(peft_cfg.rank), alpha=float(peft_cfg.alpha),
                 dropout=float(peft_cfg.dropout), rslora=bool(peft_cfg.get("rslora", False)),
                 block_size=int(peft_cfg.block_size), scaler_block_size=int(peft_cfg.scaler_block_size))
@@ -90,8 +92,6 @@ METHODS: dict[str, Method] = {
 
 
 def get_method(name: str) -> Method:
-    from framework.runtime.errors import ConfigError
-
     try:
         return METHODS[name]
     except KeyError:
@@ -110,8 +110,6 @@ def config_problems(cfg, model_cfg) -> list[str]:
 
 def moe_problems(peft_cfg, model_cfg) -> list[str]:
     """MLP targets of ``peft_cfg`` refused on a mixture-of-experts model (framework/peft/moe.py)."""
-    from framework.peft import moe
-
     method = METHODS.get(str(peft_cfg.method))
     if method is None:
         return []
@@ -136,8 +134,6 @@ def _grads_through_recomputed_layers(model) -> None:
     back-propagates when one of its inputs requires grad. With a frozen base the embedding output does
     not, so the adapters inside the layers would silently get no gradient (as HF's
     ``enable_input_require_grads`` handles for gradient checkpointing): mark that output as requiring grad."""
-    from framework.models.unwrap import unwrap_model
-
     gpt = unwrap_model(model)
     config = getattr(gpt, "config", None)
     embedding = getattr(gpt, "embedding", None)

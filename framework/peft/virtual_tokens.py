@@ -39,9 +39,14 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from framework.models.unwrap import unwrap_model
-from torch import nn
+from framework.runtime.atomic import atomic_directory
 
 FORMAT_VERSION = 1
 TABLE_FILE = "adapter.safetensors"
@@ -217,8 +222,6 @@ def seeded(seed: int | None):
 # -- files ----------------------------------------------------------------------------------------------
 def plain_config(cfg) -> dict:
     """A PEFT config (OmegaConf node or dict) as a plain dict, for adapter.yaml."""
-    from omegaconf import DictConfig, OmegaConf
-
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
@@ -226,15 +229,9 @@ def save_prompt_adapter(model, directory, meta: dict, model_cfg, table: torch.Te
                         extra_files: dict | None = None) -> Path:
     """Write DIR/adapter.safetensors (``prompt_embeddings``), DIR/adapter.yaml and ``extra_files``
     ({name: {key: tensor}}) atomically from global rank 0, which holds the first stage (all ranks call)."""
-    import torch.distributed as dist
-
     directory = Path(directory)
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
-        import yaml
-        from safetensors.torch import save_file
-
-        from framework.runtime.atomic import atomic_directory
 
         if table is None:
             raise VirtualTokenError("global rank 0 has no prompt table: is it on the first pipeline stage?")
@@ -255,9 +252,6 @@ def save_prompt_adapter(model, directory, meta: dict, model_cfg, table: torch.Te
 
 def read_prompt_adapter(directory, model, methods: tuple[str, ...]) -> tuple[dict, torch.Tensor]:
     """adapter.yaml and the [n, h] table of DIR, checked against the model's n and hidden size."""
-    import yaml
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     cfg_path, table_path = directory / CONFIG_FILE, directory / TABLE_FILE
     for p in (cfg_path, table_path):

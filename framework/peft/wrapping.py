@@ -39,7 +39,9 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+
 from framework.models.unwrap import unwrap_model
+from framework.peft.moe import check_dense_mlp
 
 #: layer target -> (submodule of a TransformerLayer, attribute)
 LAYER_TARGETS = {
@@ -65,8 +67,7 @@ CROSS_TARGETS = {
 
 def parallel_mode(base: nn.Module) -> str:
     """'column', 'row' or 'vocab' (VocabParallelEmbedding): which side of the base TP shards."""
-    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                                      VocabParallelEmbedding)
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
     for cls, mode in ((ColumnParallelLinear, "column"), (RowParallelLinear, "row"), (VocabParallelEmbedding, "vocab")):
         if isinstance(base, cls):
@@ -313,8 +314,6 @@ def wrap_targets(model: nn.Module, targets, make: Callable[[nn.Module, str, int 
     if cross and getattr(gpt, "encoder", None) is None:
         raise ValueError(f"{cross}: cross-attention targets need an encoder-decoder model (T5); "
                          f"{type(gpt).__name__} has none")
-    from framework.peft.moe import check_dense_mlp
-
     check_dense_mlp(gpt, targets)  # a mixture-of-experts MLP has no linear_fc1 / linear_fc2 to wrap
     for p in model.parameters():
         p.requires_grad_(False)
