@@ -11,7 +11,10 @@
         adapter   model.layers.{i}.{self_attn,mlp}.adapter.{down,up}.{weight,bias}  (ours, every family; HF PEFT
                   has none)
     DIR/adapter.yaml          format_version, method, the method's settings (rank, alpha, dropout, rslora;
-                              bottleneck, activation), targets, target_modules, base, model
+                              bottleneck, activation), targets, target_modules, base, model; for an adapter
+                              imported from HF PEFT also ``column_scales`` (the wrappers whose rank columns
+                              scale differently: mixed ranks/alphas) and ``hf_peft`` (HF's layout,
+                              framework/checkpoint/peft_layout.py)
 
 ``i`` is the global 0-based layer index. Other families name their modules otherwise (GPT-2:
 ``transformer.h.{i}.attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``, ``transformer.wte``;
@@ -37,7 +40,9 @@ names them:
 
 Saving gathers every TP shard and PP stage on global rank 0, which writes a temporary directory and moves
 it into place. Loading reads the file on every rank and keeps this rank's shard; every expected key must
-be present with the right shape, and nothing else.
+be present with the right shape, and nothing else. ``column_scales`` and ``hf_peft`` travel with the
+loaded model (each LoRA wrapper's ``set_column_scales``, each wrapper's ``hf_peft_layout``), so whatever
+saves it again (a training checkpoint, a named adapter, a re-save at another layout) writes them back.
 """
 
 from __future__ import annotations
@@ -63,6 +68,10 @@ _BLOCKS = {"qkv": "self_attn", "proj": "self_attn", "fc1": "mlp", "fc2": "mlp"}
 _MODEL_LEVEL = ("embedding", "output")
 _HF_PREFIXES = ("base_model.model.",)  # accepted on load, so HF PEFT files load as they are
 _NAMED_METHODS = ("lora", "dora", "ia3")  # methods whose keys carry the family's HF module names
+#: adapter.yaml: {wrapper key: [a scale per rank column]} for LoRA wrappers whose columns scale differently
+COLUMN_SCALES = "column_scales"
+#: adapter.yaml: where an imported HF PEFT adapter's modules sit (framework/checkpoint/peft_layout.py)
+HF_LAYOUT = "hf_peft"
 
 
 class AdapterError(ValueError):
@@ -126,6 +135,16 @@ def wrapper_key(stack: str | None, i: int, target: str) -> str:
     """Name of our wrapper of ``target`` in layer ``i`` (0-based) of ``stack`` in an adapter.yaml's
     ``hf_peft.column_scales`` (framework/checkpoint/peft_layout.py)."""
     return f"{stack + '.' if stack else ''}{i}.{target}"
+
+
+def _module_key(mod) -> str:
+    return wrapper_key(getattr(mod, "stack", None), (mod.layer_number or 0) - 1, mod.target)
+
+
+def _column_scales(model) -> dict[str, list[float]]:
+    """{wrapper key: its rank columns' scales} of this stage's wrappers that scale columns differently."""
+    return {_module_key(m): list(m.column_scales) for m in peft_modules(model)
+            if getattr(m, "column_scales", None) is not None}
 
 
 def layer_prefix(family: str, i: int, stack: str | None = None) -> str:
@@ -429,21 +448,22 @@ def save_adapter(model, directory, peft_cfg: dict, model_cfg, base: dict | None 
         payload = None
         if ps.get_data_parallel_rank(with_context_parallel=True) == 0:
             payload = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-                       actual["targets"], local)
+                       actual["targets"], local, _column_scales(model))
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(payload, gathered, dst=0)
         is_writer = dist.get_rank() == 0
     else:
-        gathered, is_writer = [(0, 0, actual["targets"], local)], True
+        gathered, is_writer = [(0, 0, actual["targets"], local, _column_scales(model))], True
 
     if is_writer:
         payloads = [p for p in gathered if p is not None]
         tp = max(p[1] for p in payloads) + 1
         stages: dict[int, list] = {}
-        covered = set()
-        for pp_rank, tp_rank, targets, pieces in payloads:
+        covered, scales = set(), {}
+        for pp_rank, tp_rank, targets, pieces, stage_scales in payloads:
             stages.setdefault(pp_rank, [None] * tp)[tp_rank] = pieces
             covered.update(targets)
+            scales.update(stage_scales)  # the rank columns are not sharded: every TP rank holds the same
         tensors = {}
         for pp_rank in sorted(stages):
             tensors.update(_assemble(stages[pp_rank], model_cfg))
@@ -456,13 +476,19 @@ def save_adapter(model, directory, peft_cfg: dict, model_cfg, base: dict | None 
                                f"(does model_cfg describe this model?)")
         meta = {
             "format_version": FORMAT_VERSION,
-            **{k: v for k, v in peft_cfg.items() if k not in meta_cfg},
+            **{k: v for k, v in peft_cfg.items() if k not in meta_cfg and k != COLUMN_SCALES},
             **meta_cfg,
             "target_modules": target_modules(actual["method"], targets, model_cfg.gated_linear_unit,
                                              model_cfg.family),
             "base": dict(base or {}),
             "model": model_cfg.to_dict(),
         }
+        # what the loaded adapter brought and the wrappers hold (load_adapter), whatever peft_cfg says
+        if scales:
+            meta[COLUMN_SCALES] = {k: scales[k] for k in sorted(scales)}
+        layout = getattr(next(peft_modules(model)), "hf_peft_layout", None)
+        if layout is not None:
+            meta[HF_LAYOUT] = layout
         _write_atomically(directory, {k: tensors[k] for k in sorted(tensors)}, meta)
     if distributed:
         dist.barrier()
@@ -537,6 +563,7 @@ def load_adapter(model, directory, model_cfg) -> dict:
             raise AdapterError(f"adapter {k}={meta.get(k)!r} but the model's PEFT layers have {k}={v!r}")
     tensors = read_adapter_tensors(directory)
     check_adapter_tensors(tensors, model_cfg, meta)
+    _check_column_scales(meta, model_cfg, Path(directory) / CONFIG_NAME)
 
     with torch.no_grad():
         for mod in peft_modules(model):
@@ -551,9 +578,37 @@ def load_adapter(model, directory, model_cfg) -> dict:
                             f"{piece.name} is {tuple(param.shape)} (TP rank {mod.tp_rank} of {mod.tp_size}); "
                             f"does model_cfg match the model?")
                     param.copy_(value.to(param.dtype))
-            # an imported HF PEFT adapter of mixed ranks/alphas: one scale per rank column (peft_layout.py)
-            scales = (meta.get("hf_peft") or {}).get("column_scales") or {}
-            given = scales.get(wrapper_key(getattr(mod, "stack", None), (mod.layer_number or 0) - 1, mod.target))
-            if given is not None:
-                mod.scaling = torch.tensor(given, dtype=mod.lora_A.weight.dtype, device=mod.lora_A.weight.device)
+    set_adapter_extras(model, meta)
     return meta
+
+
+def set_adapter_extras(model, meta: dict) -> None:
+    """Put what an adapter.yaml holds beyond the tensors on the model's wrappers: each LoRA wrapper's column
+    scales (an imported HF PEFT adapter of mixed ranks/alphas; the one alpha / r where none are given) and
+    the HF PEFT layout it came in, so that saving the model again writes both back."""
+    scales = meta.get(COLUMN_SCALES) or {}
+    layout = meta.get(HF_LAYOUT)
+    for mod in peft_modules(model):
+        mod.hf_peft_layout = layout
+        if hasattr(mod, "set_column_scales"):
+            mod.set_column_scales(scales.get(_module_key(mod)))
+
+
+def _check_column_scales(meta: dict, model_cfg, path: Path) -> None:
+    """``column_scales`` names layer wrappers of the adapter's targets, each with ``rank`` numbers."""
+    scales = meta.get(COLUMN_SCALES)
+    if scales is None:
+        return
+    if not isinstance(scales, dict) or meta.get("method") not in ("lora", "dora"):
+        raise AdapterError(f"{path}: {COLUMN_SCALES} must be a mapping of LoRA/DoRA wrappers to their rank "
+                           f"columns' scales, got {type(scales).__name__} for method {meta.get('method')!r}")
+    known = {wrapper_key(stack, i, t) for t in meta["targets"] if t not in _MODEL_LEVEL
+             for stack, layers in _stacks(model_cfg) for i in range(layers)}
+    for key, values in scales.items():
+        if key not in known:
+            raise AdapterError(f"{path}: {COLUMN_SCALES} names {key!r}, not a layer wrapper of targets "
+                               f"{list(meta['targets'])} (e.g. {sorted(known)[0]!r})")
+        if (not isinstance(values, list) or len(values) != meta.get("rank")
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise AdapterError(f"{path}: {COLUMN_SCALES}[{key!r}] must be {meta.get('rank')} numbers (one per "
+                               f"rank column), got {values!r}")

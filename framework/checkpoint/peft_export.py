@@ -26,7 +26,7 @@ from framework.checkpoint.adapter import (CONFIG_NAME, WEIGHTS_NAME, AdapterErro
                                           read_adapter_config, shapes_for, target_modules)
 from framework.checkpoint.hf_export import DTYPES
 from framework.checkpoint.peft_layout import KEY as LAYOUT_KEY
-from framework.checkpoint.peft_layout import hf_layout
+from framework.checkpoint.peft_layout import fold_column_scales, hf_layout
 from framework.checkpoint.safetensors_files import open_safetensors
 from framework.models.config import ModelConfig
 from framework.runtime.atomic import atomic_directory
@@ -150,6 +150,8 @@ def export_peft(adapter_dir, out_dir, base_model_name_or_path: str | None = None
             config["base_model_name_or_path"] = base_model_name_or_path
     else:
         config = peft_config_dict(meta, name)
+        folded = fold_column_scales({k[len(PEFT_PREFIX):]: v for k, v in out.items()}, meta, model_cfg)
+        out = {PEFT_PREFIX + k: v for k, v in folded.items()}
     if dtype is not None:
         out = {k: v.to(DTYPES[dtype]) for k, v in out.items()}
     nbytes = sum(t.numel() * t.element_size() for t in out.values())

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from framework.checkpoint.adapter import (FORMAT_VERSION, AdapterError, _stacks, _write_atomically,
+from framework.checkpoint.adapter import (COLUMN_SCALES, FORMAT_VERSION, AdapterError, _stacks, _write_atomically,
                                           check_adapter_tensors, expected_shapes, hf_module, layer_prefix, peft_names,
                                           target_modules, wrapper_key)
 from framework.checkpoint.hf_import import safetensors_index, shard_context
@@ -323,7 +323,9 @@ def _import_lora(tensors: dict, cfg: dict, path: Path, model_cfg, dora: bool, ba
     meta = dict(rank=R, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0), rslora=rslora, targets=targets,
                 target_modules=target_modules("dora" if dora else "lora", targets, model_cfg.gated_linear_unit, fam),
                 hf_rank=int(cfg["r"]))
-    meta[LAYOUT_KEY] = {"config": cfg, "modules": modules, "fillers": fillers, "column_scales": column_scales}
+    meta[LAYOUT_KEY] = {"config": cfg, "modules": modules, "fillers": fillers}
+    if column_scales:
+        meta[COLUMN_SCALES] = column_scales
     return out, meta
 
 

@@ -15,16 +15,19 @@ adapt a whole fused layer (q/k/v in one, gate/up in one) on every layer, with on
                                                           change nothing: zero B rows (LoRA, DoRA), DoRA's
                                                           magnitude = the base row norm (digest: its sha256),
                                                           IA3 ones
-      column_scales: {"[stack.]layer.target": [R scales]} where the scales of a wrapper's rank columns differ
-                                                          from its one scale (mixed ranks or alphas)
+    column_scales: {"[stack.]layer.target": [R scales]}   beside it, where the scales of a wrapper's rank
+                                                          columns differ from its one scale (mixed ranks or
+                                                          alphas)
 
 A DoRA filler leaves its rows unchanged because DoRA rescales each row of W + s B A to the magnitude: with
 zero B rows the row is W's own, and a magnitude equal to ||W_row|| scales it by one. Our LoRA multiplies
-each rank column by its scale (``column_scales``, set on the wrappers by adapter.py's load), so mixed ranks
-and alphas are held as they are, not folded into B. The export (:func:`hf_layout`) slices each module's
-block back out (bitwise what came in while the columns outside its block stay zero) and leaves out
-fillers that are still identities; a module trained beyond its block, or a filler that moved, is exported
-whole at our rank with its per-column scales folded into B, and named in the config's patterns.
+each rank column by its scale (``column_scales``, set on the wrappers by adapter.py's load, which also hands
+the wrappers this section; saving the model again writes both back), so mixed ranks and alphas are held as
+they are, not folded into B. The export (:func:`hf_layout`) slices each module's block back out (bitwise
+what came in while the columns outside its block stay zero) and leaves out fillers that are still
+identities; a module trained beyond its block, or a filler that moved, is exported whole at our rank with
+its per-column scales folded into B, and named in the config's patterns. An adapter with column scales but
+without this section exports at one rank and scale, the scales folded into B (:func:`fold_column_scales`).
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ import re
 
 import torch
 
-from framework.checkpoint.adapter import (AdapterError, _stacks, hf_module, ia3_module, layer_prefix, peft_names,
-                                          wrapper_key)
+from framework.checkpoint.adapter import COLUMN_SCALES, HF_LAYOUT, AdapterError, _stacks, hf_module, ia3_module
+from framework.checkpoint.adapter import layer_prefix, peft_names, wrapper_key
 from framework.peft.lora import lora_scaling
 
-KEY = "hf_peft"
+KEY = HF_LAYOUT
 _LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 
 
@@ -109,13 +112,31 @@ def groups(meta: dict, model_cfg) -> dict[str, list[str]]:
     return out
 
 
-def _column_scales(meta: dict, key: str, paths: list[str], rank: int) -> torch.Tensor:
-    hp = meta[KEY]
-    given = (hp.get("column_scales") or {}).get(key)
+def _column_scales(meta: dict, key: str, rank: int) -> torch.Tensor:
+    given = (meta.get(COLUMN_SCALES) or {}).get(key)
     if given is not None:
-        return torch.tensor(given, dtype=torch.float32)
+        return torch.tensor(given, dtype=torch.float64)
     s = lora_scaling(meta["alpha"], rank, bool(meta.get("rslora")))
-    return torch.full((rank,), s, dtype=torch.float32)
+    return torch.full((rank,), s, dtype=torch.float64)
+
+
+def fold_column_scales(tensors: dict, meta: dict, model_cfg) -> dict:
+    """The tensors with each wrapper's per-column scales folded into its B's (B * scale / s, s our one
+    scale), so that an adapter of one rank and one scale computes the same: what an adapter without HF's
+    layout exports when its columns scale differently."""
+    scales = meta.get(COLUMN_SCALES) or {}
+    if not scales:
+        return tensors
+    rank = int(meta["rank"])
+    s = lora_scaling(meta["alpha"], rank, bool(meta.get("rslora")))
+    out = dict(tensors)
+    for key, paths in groups(meta, model_cfg).items():
+        if key in scales:
+            factor = _column_scales(meta, key, rank) / s
+            for p in paths:
+                b = out[f"{p}.lora_B.weight"]
+                out[f"{p}.lora_B.weight"] = (b.double() * factor).to(b.dtype)
+    return out
 
 
 def _changed_config(cfg: dict, emitted: dict[str, tuple | None], patterns: dict[str, tuple[int, float]]) -> dict:
@@ -156,7 +177,7 @@ def hf_layout(tensors: dict, meta: dict, model_cfg) -> tuple[dict, dict]:
     s_ours = lora_scaling(meta["alpha"], rank, rslora)
     moved = False
     for key, paths in groups(meta, model_cfg).items():
-        scales = _column_scales(meta, key, paths, rank)
+        scales = _column_scales(meta, key, rank)
         for p in paths:
             a, b = tensors[f"{p}.lora_A.weight"], tensors[f"{p}.lora_B.weight"]
             mag = tensors.get(f"{p}.lora_magnitude_vector")
@@ -177,7 +198,7 @@ def hf_layout(tensors: dict, meta: dict, model_cfg) -> tuple[dict, dict]:
             # trained beyond its block (or a filler that moved): the whole rank, per-column scales folded
             moved = True
             out[f"{p}.lora_A.weight"] = a
-            out[f"{p}.lora_B.weight"] = b * (scales / s_ours).to(b.dtype)
+            out[f"{p}.lora_B.weight"] = (b.double() * (scales / s_ours)).to(b.dtype)
             if mag is not None:
                 out[f"{p}.lora_magnitude_vector"] = mag
             emitted[p] = None

@@ -83,6 +83,13 @@ def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
     return float(alpha) / (math.sqrt(rank) if rslora else rank)
 
 
+def _scaling_repr(scaling) -> str:
+    """``scaling`` for a module's repr: the one scale, or the distinct scales of its rank columns."""
+    if isinstance(scaling, torch.Tensor):
+        return "per-column " + "/".join(f"{v:g}" for v in sorted(set(scaling.tolist())))
+    return f"{scaling:g}"
+
+
 def _check_hparams(rank, dropout) -> None:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
@@ -256,10 +263,34 @@ class LoRALinear(_LoRAWrapper):
             lora = gather_from_tensor_model_parallel_region(lora, group=self.tp_group)
         return output + lora.to(output.dtype), bias
 
+    # -- one scale per rank column ---------------------------------------------------------------
+    #: the exact scale of each rank column when they differ (set_column_scales), else None
+    column_scales: list[float] | None = None
+
+    def set_column_scales(self, scales) -> None:
+        """Scale each rank column by its own factor instead of the one alpha / r (None: back to alpha / r).
+
+        An HF PEFT adapter of mixed ranks or alphas (``rank_pattern`` / ``alpha_pattern``) imports as wrappers
+        whose rank columns hold several HF modules, each keeping its alpha / r (framework/checkpoint/
+        peft_layout.py). The exact values stay in ``column_scales``, which saving the adapter writes back;
+        ``scaling`` becomes a non-persistent buffer in the factors' dtype, so it follows the module to another
+        device or dtype and stays out of the state dict."""
+        delattr(self, "scaling")
+        if scales is None:
+            self.column_scales = None
+            self.scaling = lora_scaling(self.alpha, self.rank, self.rslora)
+            return
+        values = [float(v) for v in scales]
+        if len(values) != self.rank:
+            raise ValueError(f"{self.where()}: {len(values)} column scales for rank {self.rank}")
+        self.column_scales = values
+        w = self.lora_A.weight
+        self.register_buffer("scaling", torch.tensor(values, dtype=w.dtype, device=w.device), persistent=False)
+
     # -- merging ----------------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         """s * B A for this rank's shard: exactly the local block of the full update, in W's layout."""
-        if isinstance(self.scaling, torch.Tensor):  # one scale per rank column (an imported HF PEFT adapter)
+        if isinstance(self.scaling, torch.Tensor):  # one scale per rank column (set_column_scales)
             return (self.lora_B.weight * self.scaling) @ self.lora_A.weight
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
@@ -274,8 +305,9 @@ class LoRALinear(_LoRAWrapper):
         return [Piece("lora_A.weight", "lora_A.weight", "in", 1), Piece("lora_B.weight", "lora_B.weight", "out", 0)]
 
     def extra_repr(self) -> str:
-        return (f"{self.parallel_mode}-parallel, rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
-                f"dropout={self.dropout_p:g}, tp={self.tp_size}, sp={self.sequence_parallel}")
+        return (f"{self.parallel_mode}-parallel, rank={self.rank}, alpha={self.alpha:g}, "
+                f"scaling={_scaling_repr(self.scaling)}, dropout={self.dropout_p:g}, tp={self.tp_size}, "
+                f"sp={self.sequence_parallel}")
 
 
 class LoRAEmbedding(_LoRAWrapper):
@@ -340,7 +372,7 @@ class LoRAEmbedding(_LoRAWrapper):
                 Piece("lora_embedding_B", "lora_embedding_B", "out", 0)]
 
     def extra_repr(self) -> str:
-        return (f"vocab-parallel, rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
+        return (f"vocab-parallel, rank={self.rank}, alpha={self.alpha:g}, scaling={_scaling_repr(self.scaling)}, "
                 f"tp={self.tp_size}, reduce_scatter={self.reduce_scatter}")
 
 

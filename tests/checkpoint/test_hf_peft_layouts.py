@@ -98,12 +98,20 @@ def imported(tmp_path_factory):
     return root, out
 
 
+#: what a training job's peft section holds: a job saves its adapter with these only (trained.py)
+_JOB_KEYS = ("method", "rank", "alpha", "dropout", "rslora", "targets")
+
+
 def _logits_worker(tp, pp, sp, jobs, resave_root=None):
     """Each rank: for every (family, hf_dir, tokens, adapters) job, our model at this layout with each adapter
-    applied and loaded in turn: {(family, case): logits} (and each adapter saved again under resave_root)."""
+    applied and loaded in turn: {(family, case): logits}. With resave_root each adapter is also saved again
+    as a training job saves it (save_trained with the job's peft section only: what the import added beyond
+    it must come from the loaded wrappers), loaded from there into fresh wrappers: {(family, case,
+    'resaved'): logits}."""
     from omegaconf import OmegaConf
 
-    from framework.checkpoint.adapter import load_adapter, read_adapter_config, save_adapter
+    from framework.checkpoint.adapter import load_adapter, read_adapter_config
+    from framework.checkpoint.trained import load_trained, save_trained
     from framework.checkpoint.hf_import import load_hf_into_gpt
     from framework.inference.logits import forward_logits
     from framework.models.registry import build_model, config_from_hf
@@ -119,12 +127,19 @@ def _logits_worker(tp, pp, sp, jobs, resave_root=None):
         load_hf_into_gpt(model, hf_dir, cfg)
         for name, adapter_dir in adapters.items():
             meta = read_adapter_config(adapter_dir)
-            peft_cfg = {k: v for k, v in meta.items() if k not in ("format_version", "target_modules", "base", "model")}
-            apply_peft(model, OmegaConf.create({k: v for k, v in peft_cfg.items() if k != "hf_peft"}), cfg)
+            job_peft = OmegaConf.create({k: meta[k] for k in _JOB_KEYS if k in meta})
+            apply_peft(model, job_peft, cfg)
             load_adapter(model, adapter_dir, cfg)
             out[(fam, name)] = forward_logits(model.eval(), tokens)
+            if "column_scales" in meta:
+                assert "scaling=per-column" in repr(model), name
             if resave_root is not None:
-                save_adapter(model, Path(resave_root) / f"{fam}-{name}", peft_cfg, cfg)
+                again = Path(resave_root) / f"{fam}-{name}"
+                save_trained(model, again, job_peft, cfg)
+                remove_peft(model)
+                apply_peft(model, job_peft, cfg)
+                load_trained(model, again, job_peft, cfg)
+                out[(fam, name, "resaved")] = forward_logits(model.eval(), tokens)
             remove_peft(model)
     return out
 
@@ -139,7 +154,7 @@ def _check(results, want, label):
         for key, logits in got.items():
             if logits is None:
                 continue
-            diff = (logits - want[key]).abs().max().item()
+            diff = (logits - want[key[:2]]).abs().max().item()
             assert diff < TOL, f"{label} rank {rank} {key}: max |logit diff| against HF PEFT {diff:.3g}"
 
 
@@ -169,21 +184,25 @@ def test_imported_layouts(imported):
     meta = cases["lora_patterns"][3]
     assert meta["rank"] == 8  # layer 1: q (6) + k (2) side by side; gate_proj (4) and an up_proj filler in fc1
     assert meta["hf_peft"]["modules"]["model.layers.1.self_attn.q_proj"] == [0, 6, 3 / 6]
-    assert "0.qkv" in meta["hf_peft"]["column_scales"]
+    assert "0.qkv" in meta["column_scales"] and "column_scales" not in meta["hf_peft"]
     meta = cases["ia3_keys_some_layers"][3]
     assert meta["targets"] == ["k", "fc2"] and list(meta["hf_peft"]["fillers"]) == ["model.layers.0.self_attn.k_proj"]
 
 
 @pytest.mark.timeout(600)
 def test_layouts_give_peft_logits_at_every_layout(imported, tmp_path):
-    """TP=1, TP=2 + SP (saving every adapter again from there) and PP=2: PEFT's logits; the adapters saved
-    at TP=2 export to HF PEFT's own tensors and config, bitwise, as the imports themselves do."""
+    """TP=1, TP=2 + SP and PP=2: PEFT's logits. At TP=2 every adapter is also saved as a training job saves
+    it (its peft section only, without the import's column scales and HF layout) and loaded back: PEFT's
+    logits again, and it exports to HF PEFT's own tensors and config, bitwise, as the imports themselves do
+    (mixed ranks and alphas included: the wrappers held their column scales)."""
     from framework.checkpoint.peft_export import export_peft
 
     root, data = imported
     want = _expected(data)
     _check(run_distributed(_logits_worker, 1, 1, 1, False, _jobs(data), timeout=300), want, "TP=1")
-    _check(run_distributed(_logits_worker, 2, 2, 1, True, _jobs(data), str(tmp_path), timeout=300), want, "TP=2+SP")
+    resaved = run_distributed(_logits_worker, 2, 2, 1, True, _jobs(data), str(tmp_path), timeout=300)
+    assert {k for k in resaved[0] if len(k) == 3} == {(*k, "resaved") for k in want}
+    _check(resaved, want, "TP=2+SP")
     _check(run_distributed(_logits_worker, 2, 1, 2, False, _jobs(data), timeout=300), want, "PP=2")
     for fam, (_, _, cases) in data.items():
         for name, (peft_dir, ours, _, _) in cases.items():
@@ -231,6 +250,33 @@ def test_adapter_moved_beyond_hf_layout_exports_with_our_logits(imported, tmp_pa
         assert (expected - cases[name][2]).abs().max().item() > 1e-3, name  # the move changed the model
         diff = (ours[("llama", name)] - expected).abs().max().item()
         assert diff < TOL, f"{name}: max |logit diff| between ours and PEFT on the export {diff:.3g}"
+
+
+def test_column_scales_without_hf_layout_export_folded(imported, tmp_path):
+    """An adapter of mixed ranks/alphas whose HF layout is gone (written by hand, or by a tool that kept only
+    our keys) exports at its one rank and scale with the column scales folded into B: PEFT's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from framework.checkpoint.adapter import _write_atomically, read_adapter_config, read_adapter_tensors
+    from framework.checkpoint.peft_export import export_peft
+
+    _, data = imported
+    hf_dir, tokens, cases = data["llama"]
+    for name in ("lora_patterns", "dora_gate_up_patterns"):
+        meta, tensors = read_adapter_config(cases[name][1]), read_adapter_tensors(cases[name][1])
+        assert meta["column_scales"], name
+        del meta["hf_peft"]
+        _write_atomically(tmp_path / name, tensors, meta)
+        export_peft(tmp_path / name, tmp_path / f"{name}-peft")
+        config = json.loads((tmp_path / f"{name}-peft" / "adapter_config.json").read_text())
+        assert (config["r"], config["rank_pattern"], config["alpha_pattern"]) == (meta["rank"], {}, {}), name
+        base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        peft_model = PeftModel.from_pretrained(base, str(tmp_path / f"{name}-peft")).eval()
+        with torch.no_grad():
+            got = peft_model(input_ids=tokens).logits.float()
+        diff = (got - cases[name][2]).abs().max().item()
+        assert diff < TOL, f"{name}: max |logit diff| of the folded export against the HF PEFT adapter {diff:.3g}"
 
 
 def test_what_still_does_not_import_is_refused_by_key(imported, tmp_path):
