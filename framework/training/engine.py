@@ -170,7 +170,7 @@ def run(cfg: DictConfig, task: Task):
     # save_interval steps, at a new best validation loss, and when this invocation ends.
     save_interval, steps_per_run = tr.get("save_interval"), tr.get("steps_per_run")
     first_step, paused = loop.step, False
-    units_before, seconds_before = loop.tokens, loop.train_seconds
+    units_before, seconds_before = loop.units, loop.train_seconds
     t0, not_training = time.perf_counter(), 0.0  # not_training: validation and checkpoint seconds
     throughput = Throughput(model_cfg, cfg.peft, world, peak_tflops(tr.get("peak_tflops"), rt.device))
     bar = progress(total=total_steps - loop.step, desc=task.name, enabled=rt.is_main)
@@ -190,13 +190,13 @@ def run(cfg: DictConfig, task: Task):
         lr, grad_norm = optimizer.param_groups[0]["lr"], None if grad_norm is None else float(grad_norm)
         report = task.train_report(reduced)
 
-        loop.step, loop.tokens = step, loop.tokens + report.count  # LoopState.tokens: the task's units
+        loop.step, loop.units = step, loop.units + report.count
         loop.losses.append(report.loss)
         if report.record is not None:
             loop.extra.setdefault("history", []).append(report.record | {"lr": lr, "grad_norm": grad_norm})
         seconds = time.perf_counter() - t0 - not_training
         loop.train_seconds = seconds_before + seconds
-        per_s = (loop.tokens - units_before) / seconds  # this invocation's throughput
+        per_s = (loop.units - units_before) / seconds  # this invocation's throughput
         flops, memory = throughput.scalars(seconds), memory_gib(rt.device)  # TFLOP/s per GPU, MFU; GiB
         bar.update(1, loss=f"{report.loss:.4f}", lr=f"{lr:.2e}")
         if step % tr.log_interval == 0:
@@ -249,7 +249,7 @@ def run(cfg: DictConfig, task: Task):
         loop=loop, status="paused" if paused else "stopped_early" if stopper.should_stop else "completed",
         trainable_params=trainable, total_params=total, output_dir=str(out),
         trained_dir=None if trained is None else str(trained),
-        units_per_s=loop.tokens / max(loop.train_seconds, 1e-9), best_step=stopper.best_step,
+        units_per_s=loop.units / max(loop.train_seconds, 1e-9), best_step=stopper.best_step,
         best_val_loss=None if stopper.best_step is None else stopper.best_loss,
         best_checkpoint=str(best) if best else None, resumed_from=str(resume_from) if resume_from else None))
     if rt.is_main:

@@ -87,7 +87,8 @@ class LoopState:
     val_before: float | None = None   # validation loss before training (the base model)
     completion_before: str | None = None
     finished: bool = False            # True: total_steps reached or stopped early; nothing left to train
-    tokens: int = 0                   # training tokens (inputs) processed, for throughput over invocations
+    units: int = 0                    # the task's units processed (Task.unit: SFT tokens, DPO pairs), for
+    #                                   throughput over invocations
     train_seconds: float = 0.0        # time spent in training steps (validation and checkpoints excluded)
     wandb_run_id: str | None = None
     extra: dict = dataclasses.field(default_factory=dict)  # a job's own JSON progress (DPO: per-step metrics)
@@ -286,5 +287,13 @@ def load_train_state(directory, *, model, optimizer, scheduler, order, stopper, 
     else:
         log.warning("no RNG state for TP rank %d, PP rank %d in %s (the checkpoint's layout was TP=%d PP=%d): "
                     "random streams (dropout) restart from the seed", tp, pp, directory, saved["tp"], saved["pp"])
+    return loop_state(state)
+
+
+def loop_state(state: dict) -> LoopState:
+    """The LoopState of a state.json. ``units`` was named ``tokens`` in state.json files of format 2 written
+    before its rename (it counted the same units)."""
     fields = {f.name for f in dataclasses.fields(LoopState)}
+    if "units" not in state:
+        state = {**state, "units": state.get("tokens", 0)}
     return LoopState(**{k: v for k, v in state.items() if k in fields})

@@ -221,3 +221,10 @@ def test_saved_train_state_holds_no_pickle_of_ours_and_resume_checks_megatrons(t
     metadata.write_bytes(kept)  # and the untouched checkpoint resumes
     resumed, _ = run_job(job_cfg(tiny_tokenizer_dir, tmp_path, *overrides), world=2)
     assert resumed.status == "completed" and resumed.resumed_from.endswith("step-000001")
+
+
+def test_loop_state_reads_the_units_of_either_name():
+    """``LoopState.units`` was ``tokens`` in format-2 state.json files written before the rename."""
+    assert train_state.loop_state({"step": 3, "tokens": 120, "unknown": 1}).units == 120
+    assert train_state.loop_state({"step": 3, "units": 7}).units == 7
+    assert train_state.loop_state({"step": 3}).units == 0
