@@ -101,3 +101,54 @@ def test_warmup_then_cosine_schedule():
         else:
             want = min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
         assert got == pytest.approx(want, rel=1e-6), step
+
+
+def _lora_plus_schedule_worker():
+    from omegaconf import OmegaConf
+
+    from framework.models.config import ModelConfig
+    from framework.models.gpt import build_gpt
+    from framework.peft import lora_plus
+    from framework.peft.lora import apply_lora
+    from framework.runtime import initialize
+    from framework.training.optim import build_optimizer, wrap_ddp
+
+    initialize(seed=0)
+    model = build_gpt(ModelConfig(**ARCH))
+    apply_lora(model, targets=("qkv", "fc2", "embedding"), rank=2, alpha=2)
+    lora_plus.mark(model, ratio=16.0, lr_embedding=5e-4)
+    trainer = OmegaConf.create(dict(lr=1e-3, min_lr=1e-4, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999,
+                                    clip_grad=1.0, max_steps=10, warmup_steps=2))
+    opt, sched = build_optimizer(wrap_ddp(model), trainer)
+    ids = {id(p): n for n, p in model.named_parameters()}
+    roles = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            n = ids[id(p)]
+            roles.setdefault("embedding" if "lora_embedding" in n else "B" if "lora_B" in n else "A", set()).add(id(g))
+    lrs = []
+    for _ in range(10):
+        sched.step(increment=1)
+        by_role = {}
+        for role, groups in roles.items():
+            values = {g["lr"] for g in opt.param_groups if id(g) in groups}
+            assert len(values) == 1, (role, values)
+            by_role[role] = values.pop()
+        lrs.append(by_role)
+    return lrs
+
+
+@pytest.mark.timeout(60)
+def test_lora_plus_groups_follow_one_schedule():
+    """LoRA+ (framework/peft/lora_plus.py): B at 16 x and the embedding's factors at 5e-4 / 1e-3 = 0.5 x the
+    A factors' learning rate at every step of warm-up and cosine decay."""
+    lrs = run_distributed(_lora_plus_schedule_worker, 1, timeout=50)[0]
+    lr, min_lr, warmup, steps = 1e-3, 1e-4, 2, 10
+    for step, got in enumerate(lrs, start=1):
+        if step <= warmup:
+            want = lr * step / warmup
+        else:
+            want = min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        assert got["A"] == pytest.approx(want, rel=1e-12), step
+        assert got["B"] == pytest.approx(16 * want, rel=1e-12), step
+        assert got["embedding"] == pytest.approx(0.5 * want, rel=1e-12), step
