@@ -36,6 +36,11 @@ class LoraSection(PeftSection):
     dropout: float = 0.0
     rslora: bool = False
     targets: list[str] = dataclasses.field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    # HF PEFT's init_lora_weights: kaiming (its True), gaussian; pissa, pissa_niter_<n>, olora initialise
+    # from the base weight (framework/peft/lora_init.py; the names are checked there)
+    init_lora_weights: str = "kaiming"
+    lora_plus_ratio: float | None = None   # LoRA+: B's learning rate / A's (framework/peft/lora_plus.py)
+    lora_plus_lr_embedding: float = 1e-6   # LoRA+: the embedding LoRA's peak learning rate (HF PEFT's default)
 
     def problems(self) -> list[str]:
         out = [fraction("peft.dropout", self.dropout)]
@@ -43,6 +48,14 @@ class LoraSection(PeftSection):
             out.insert(0, f"peft.rank={self.rank!r}: expected a positive integer")
         if self.alpha <= 0:
             out.append(f"peft.alpha={self.alpha!r}: expected a positive number")
+        if self.method != "lora" and self.init_lora_weights != "kaiming":
+            out.append(f"peft.init_lora_weights={self.init_lora_weights!r}: peft.method={self.method} initialises "
+                       f"its factors as LoRA's default (kaiming); other initialisations are peft.method=lora's")
+        if self.lora_plus_ratio is not None and not self.lora_plus_ratio > 0:
+            out.append(f"peft.lora_plus_ratio={self.lora_plus_ratio!r}: expected a positive number (B's learning "
+                       f"rate / A's; LoRA+ suggests 16), or null for one learning rate")
+        if not self.lora_plus_lr_embedding > 0:
+            out.append(f"peft.lora_plus_lr_embedding={self.lora_plus_lr_embedding!r}: expected a positive number")
         return [p for p in out if p]
 
 

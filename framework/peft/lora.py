@@ -2,8 +2,10 @@
 
     y = W x + s * B A dropout(x),   s = alpha / r   (rsLoRA: s = alpha / sqrt(r), HF PEFT's ``use_rslora``)
 
-W is the frozen base weight; A (r x in) starts kaiming-uniform, B (out x r) starts at zero, so a freshly
-wrapped layer computes exactly what its base computed.
+W is the frozen base weight; A (r x in) starts kaiming-uniform (HF PEFT's ``init_lora_weights=True``) or
+normal(0, 1/r) (``"gaussian"``), B (out x r) starts at zero, so a freshly wrapped layer computes exactly what
+its base computed. PiSSA and OLoRA start A and B from the base weight and replace W by the residual
+(framework/peft/lora_init.py).
 
 Under tensor parallelism the big side of each factor is sharded like the base and the small side is
 replicated, so the LoRA branch only ever communicates r-wide activations (DESIGN.md section 5):
@@ -59,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.peft.lora_init import hf_modules_in, init_from_base, init_problem, modifies_base
 from framework.peft.wrapping import (CROSS_TARGETS, LAYER_TARGETS, MODEL_TARGETS, Piece, PeftWrapper, init_seed,
                                      mark, param_like, seeded_generator, trainable_parameters, wrap_targets)
 from framework.peft.wrapping import check_targets as _check_targets
@@ -161,10 +164,11 @@ class LoRALinear(_LoRAWrapper):
         rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA) instead of ``alpha / r``.
         init_seed: seed of A's initialisation. A is drawn on its full (r x in) shape and then sliced, so
             the same seed gives the same A at every TP size. Default: ``torch.initial_seed()``.
+        init: A's distribution, ``"kaiming"`` (HF PEFT's True) or ``"gaussian"`` (normal, std 1/r).
     """
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-                 init_seed: int | None = None):
+                 init_seed: int | None = None, init: str = "kaiming"):
         super().__init__(base, rank, alpha, dropout, rslora)
         mode = self.parallel_mode
         if mode == "vocab":
@@ -197,14 +201,18 @@ class LoRALinear(_LoRAWrapper):
         else:
             mark(self.lora_A.weight, 1, partial_grad=False)
             mark(self.lora_B.weight, None, partial_grad=self.sequence_parallel)
-        self.reset_parameters(torch.initial_seed() if init_seed is None else init_seed)
+        self.reset_parameters(torch.initial_seed() if init_seed is None else init_seed, init)
 
     # -- initialisation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def reset_parameters(self, init_seed: int) -> None:
-        """A ~ kaiming-uniform(a=sqrt(5)) on the full (r x in) shape, then this rank's slice; B = 0."""
+    def reset_parameters(self, init_seed: int, init: str = "kaiming") -> None:
+        """A ~ kaiming-uniform(a=sqrt(5)) (or, ``init="gaussian"``, normal(0, 1/r)) on the full (r x in) shape,
+        then this rank's slice; B = 0."""
         full = torch.empty(self.rank, self.in_features, dtype=torch.float32)
-        nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=seeded_generator(init_seed))
+        if init == "gaussian":
+            nn.init.normal_(full, std=1 / self.rank, generator=seeded_generator(init_seed))
+        else:
+            nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=seeded_generator(init_seed))
         if self.parallel_mode == "row":
             full = full.chunk(self.tp_size, dim=1)[self.tp_rank]
         self.lora_A.weight.copy_(full)
@@ -388,27 +396,54 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[int | None, str, nn.Module]
 
 
 def apply_lora(model: nn.Module, targets=("qkv", "proj", "fc1", "fc2"), rank: int = 8, alpha: float = 16,
-               dropout: float = 0.0, rslora: bool = False, seed: int | None = None, linear_cls=None) -> list[str]:
+               dropout: float = 0.0, rslora: bool = False, seed: int | None = None, linear_cls=None,
+               init_lora_weights: str = "kaiming") -> list[str]:
     """Freeze every parameter of this stage and wrap the chosen modules (see TARGETS) in place.
 
     ``seed`` (default ``torch.initial_seed()``, the run's seed) is mixed with the global layer number and
     the target, so A's initialisation is the same at any TP/PP layout. ``linear_cls`` replaces
-    LoRALinear for linear targets (DoRA). Returns the wrapped module names of this stage.
+    LoRALinear for linear targets (DoRA). ``init_lora_weights``: HF PEFT's name of the initialisation,
+    ``kaiming`` (its True), ``gaussian``, or from the base weight ``pissa``, ``pissa_niter_<n>``, ``olora``
+    (framework/peft/lora_init.py: the base weights become the residual; a fused layer gets rank k x ``rank``,
+    one block per HF module; the embedding keeps HF's embedding initialisation, as in HF PEFT).
+    Returns the wrapped module names of this stage.
     """
     targets = check_targets(targets)
+    problem = init_problem(init_lora_weights)
+    if problem:
+        raise ValueError(f"init_lora_weights={init_lora_weights!r}: {problem}")
+    from_base = modifies_base(init_lora_weights)
+    if from_base and linear_cls not in (None, LoRALinear):
+        raise ValueError(f"init_lora_weights={init_lora_weights!r} initialises LoRA from the base weight; "
+                         f"{linear_cls.__name__} layers are not supported (use peft.method=lora)")
+    if from_base and any(t in CROSS_TARGETS for t in targets):
+        raise ValueError(f"init_lora_weights={init_lora_weights!r} is not supported on cross-attention targets")
     linear_cls = linear_cls or LoRALinear
     gpt = unwrap_model(model)
     base_seed = torch.initial_seed() if seed is None else int(seed)
     glu = bool(getattr(gpt.config, "gated_linear_unit", False))
+    plain = "kaiming" if from_base else init_lora_weights
 
     def make(base, target, layer_number):
         s = init_seed(base_seed, layer_number, list(TARGETS).index(target))
-        cls = LoRAEmbedding if target == "embedding" else linear_cls
-        wrapped = cls(base, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init_seed=s)
+        if target == "embedding":
+            return LoRAEmbedding(base, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init_seed=s)
+        k = hf_modules_in(target, target == "fc1" and glu) if from_base else 1
+        extra = {} if plain == "kaiming" else {"init": plain}  # DoRA's layers take the default only
+        wrapped = linear_cls(base, rank=k * rank, alpha=alpha, dropout=dropout, rslora=rslora, init_seed=s, **extra)
         wrapped.glu_fused = target == "fc1" and glu
+        if k > 1:  # one rank-r block per HF module, each scaled as a rank-r LoRA
+            wrapped.scaling = lora_scaling(alpha, rank, rslora)
         return wrapped
 
-    return wrap_targets(model, targets, make)
+    names = wrap_targets(model, targets, make)
+    if from_base:
+        kv_spec = getattr(gpt, "kv_replication", None)
+        for layer_number, target, mod in lora_modules(model):
+            if target != "embedding":
+                s = init_seed(base_seed, layer_number, list(TARGETS).index(target))
+                init_from_base(mod, rank, init_lora_weights, kv_spec, seed=s)
+    return names
 
 
 # -- the job's configuration ----------------------------------------------------------------------------
@@ -444,6 +479,15 @@ def targets_problems(peft, valid_targets, method: str) -> list[str]:
 def config_problems(cfg, model_cfg) -> list[str]:
     """Checks of ``cfg.peft`` for LoRA, before any process group starts."""
     problems = config_problems_for(cfg.peft, TARGETS, "LoRA")
+    init = cfg.peft.get("init_lora_weights", "kaiming")
+    problem = init_problem(init)
+    if problem:
+        problems.append(f"peft.init_lora_weights={init!r}: {problem}")
+    elif modifies_base(init):
+        problems.append(f"peft.init_lora_weights={init}: PiSSA/OLoRA replace the base weights by a residual, and a "
+                        f"job cannot save such an adapter yet (it needs the residual base, or HF PEFT's conversion "
+                        f"to a plain LoRA of twice the rank at export); use kaiming or gaussian, or call "
+                        f"framework.peft.lora.apply_lora(init_lora_weights=...) in code")
     cross = [t for t in (cfg.peft.get("targets") or []) if t in CROSS_TARGETS]
     if cross and model_cfg.num_decoder_layers is None:
         problems.append(f"peft.targets={list(cfg.peft.targets)}: {cross} are cross-attention targets of "

@@ -19,7 +19,7 @@ import importlib
 from typing import Callable
 
 from framework.models.unwrap import unwrap_model
-from framework.peft import moe
+from framework.peft import lora_plus, moe
 from framework.peft.lora import apply_lora
 from framework.peft.qlora import apply_qlora
 from framework.runtime.errors import ConfigError
@@ -55,7 +55,8 @@ def _lazy(module: str, name: str) -> Callable:
 
 def _apply_lora(model, peft_cfg, model_cfg):
     apply_lora(model, targets=tuple(peft_cfg.targets), rank=int(peft_cfg.rank), alpha=float(peft_cfg.alpha),
-               dropout=float(peft_cfg.dropout), rslora=bool(peft_cfg.get("rslora", False)))
+               dropout=float(peft_cfg.dropout), rslora=bool(peft_cfg.get("rslora", False)),
+               init_lora_weights=str(peft_cfg.get("init_lora_weights", "kaiming")))
 
 
 def _apply_qlora(model, peft_cfg, model_cfg):
@@ -124,6 +125,9 @@ def apply_peft(model, peft_cfg, model_cfg, encode_text=None) -> Method:
         method.apply(model, peft_cfg, model_cfg, encode_text=encode_text)
     else:
         method.apply(model, peft_cfg, model_cfg)
+    if peft_cfg.get("lora_plus_ratio") is not None:  # LoRA+: B's learning rate, read by the optimizer
+        lora_plus.mark(model, float(peft_cfg.lora_plus_ratio),
+                       float(peft_cfg.get("lora_plus_lr_embedding", lora_plus.HF_LR_EMBEDDING)))
     if not method.trains_base:
         _grads_through_recomputed_layers(model)
     return method
