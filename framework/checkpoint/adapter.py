@@ -13,8 +13,9 @@
     DIR/adapter.yaml          format_version, method, the method's settings (rank, alpha, dropout, rslora;
                               bottleneck, activation), targets, target_modules, base, model; for an adapter
                               imported from HF PEFT also ``column_scales`` (the wrappers whose rank columns
-                              scale differently: mixed ranks/alphas) and ``hf_peft`` (HF's layout,
-                              framework/checkpoint/peft_layout.py)
+                              scale differently: mixed ranks/alphas), ``hf_peft`` (HF's layout,
+                              framework/checkpoint/peft_layout.py) and ``saved_tensors`` (whole base tensors
+                              the adapter carries: a trained embedding, head or biases, saved_tensors.py)
 
 ``i`` is the global 0-based layer index. Other families name their modules otherwise (GPT-2:
 ``transformer.h.{i}.attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``, ``transformer.wte``;
@@ -40,9 +41,10 @@ names them:
 
 Saving gathers every TP shard and PP stage on global rank 0, which writes a temporary directory and moves
 it into place. Loading reads the file on every rank and keeps this rank's shard; every expected key must
-be present with the right shape, and nothing else. ``column_scales`` and ``hf_peft`` travel with the
-loaded model (each LoRA wrapper's ``set_column_scales``, each wrapper's ``hf_peft_layout``), so whatever
-saves it again (a training checkpoint, a named adapter, a re-save at another layout) writes them back.
+be present with the right shape, and nothing else. ``column_scales``, ``hf_peft`` and ``saved_tensors``
+travel with the loaded model (each LoRA wrapper's ``set_column_scales``, each wrapper's ``hf_peft_layout``
+and ``saved_tensors``; the saved tensors themselves are put over the base weights), so whatever saves it
+again (a training checkpoint, a named adapter, a re-save at another layout) writes them back.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ from pathlib import Path
 
 import torch
 
+from framework.checkpoint.saved_tensors import KEY as SAVED
+from framework.checkpoint.saved_tensors import assemble_saved, base_shapes, load_saved, local_saved
 from framework.models import kv_replication
 from framework.models import weight_table as wt
 from framework.models.fused_layout import shard
@@ -219,9 +223,17 @@ def expected_shapes(model_cfg, targets, rank: int | None = None, method: str = "
 
 
 def shapes_for(meta: dict, model_cfg) -> dict[str, tuple]:
-    """expected_shapes for an adapter.yaml's contents."""
+    """expected_shapes for an adapter.yaml's contents, with the base tensors it carries (``saved_tensors``)."""
     method = meta.get("method", "lora")
-    return expected_shapes(model_cfg, meta["targets"], meta.get("rank", meta.get("bottleneck")), method)
+    shapes = expected_shapes(model_cfg, meta["targets"], meta.get("rank", meta.get("bottleneck")), method)
+    saved = meta.get(SAVED) or []
+    if saved:
+        base = base_shapes(model_cfg)
+        unknown = [n for n in saved if n not in base]
+        if unknown:
+            raise AdapterError(f"{SAVED} names {unknown[0]!r}, not a tensor of the {model_cfg.family} base model")
+        shapes.update({n: base[n] for n in saved})
+    return shapes
 
 
 def target_modules(method: str, targets, gated: bool = True, family: str = "llama") -> list[str]:
@@ -441,6 +453,7 @@ def save_adapter(model, directory, peft_cfg: dict, model_cfg, base: dict | None 
             raise AdapterError(f"peft_cfg[{k!r}]={given!r} but the model's PEFT layers have {k}={v!r}")
 
     local = _local_pieces(model, model_cfg.family)
+    saved = getattr(next(peft_modules(model)), "saved_tensors", None) or []  # set by load_adapter
     distributed = dist.is_available() and dist.is_initialized()
     if distributed:
         from megatron.core import parallel_state as ps
@@ -448,25 +461,32 @@ def save_adapter(model, directory, peft_cfg: dict, model_cfg, base: dict | None 
         payload = None
         if ps.get_data_parallel_rank(with_context_parallel=True) == 0:
             payload = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-                       actual["targets"], local, _column_scales(model))
+                       actual["targets"], local, _column_scales(model), local_saved(model, saved, model_cfg))
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(payload, gathered, dst=0)
         is_writer = dist.get_rank() == 0
     else:
-        gathered, is_writer = [(0, 0, actual["targets"], local, _column_scales(model))], True
+        gathered = [(0, 0, actual["targets"], local, _column_scales(model), local_saved(model, saved, model_cfg))]
+        is_writer = True
 
     if is_writer:
         payloads = [p for p in gathered if p is not None]
         tp = max(p[1] for p in payloads) + 1
         stages: dict[int, list] = {}
+        saved_stages: dict[int, list] = {}
         covered, scales = set(), {}
-        for pp_rank, tp_rank, targets, pieces, stage_scales in payloads:
+        for pp_rank, tp_rank, targets, pieces, stage_scales, stage_saved in payloads:
             stages.setdefault(pp_rank, [None] * tp)[tp_rank] = pieces
+            saved_stages.setdefault(pp_rank, [None] * tp)[tp_rank] = stage_saved
             covered.update(targets)
             scales.update(stage_scales)  # the rank columns are not sharded: every TP rank holds the same
         tensors = {}
         for pp_rank in sorted(stages):
             tensors.update(_assemble(stages[pp_rank], model_cfg))
+            for name, value in assemble_saved(saved_stages[pp_rank], model_cfg).items():
+                tensors.setdefault(name, value)  # the tied embedding's copy on the last stage: the first's
+        if sorted(n for n in tensors if n in saved) != sorted(saved):
+            raise AdapterError(f"gathered {SAVED} lack {sorted(set(saved) - set(tensors))}")
         targets = [t for t in order if t in covered]
         meta_cfg = {**actual, "targets": targets}
         want = shapes_for(meta_cfg, model_cfg)
@@ -484,8 +504,11 @@ def save_adapter(model, directory, peft_cfg: dict, model_cfg, base: dict | None 
             "model": model_cfg.to_dict(),
         }
         # what the loaded adapter brought and the wrappers hold (load_adapter), whatever peft_cfg says
+        meta.pop(SAVED, None)
         if scales:
             meta[COLUMN_SCALES] = {k: scales[k] for k in sorted(scales)}
+        if saved:
+            meta[SAVED] = sorted(saved)
         layout = getattr(next(peft_modules(model)), "hf_peft_layout", None)
         if layout is not None:
             meta[HF_LAYOUT] = layout
@@ -564,6 +587,7 @@ def load_adapter(model, directory, model_cfg) -> dict:
     tensors = read_adapter_tensors(directory)
     check_adapter_tensors(tensors, model_cfg, meta)
     _check_column_scales(meta, model_cfg, Path(directory) / CONFIG_NAME)
+    saved = meta.get(SAVED) or []
 
     with torch.no_grad():
         for mod in peft_modules(model):
@@ -578,18 +602,24 @@ def load_adapter(model, directory, model_cfg) -> dict:
                             f"{piece.name} is {tuple(param.shape)} (TP rank {mod.tp_rank} of {mod.tp_size}); "
                             f"does model_cfg match the model?")
                     param.copy_(value.to(param.dtype))
+        if saved:
+            try:
+                load_saved(model, tensors, saved, model_cfg)
+            except ValueError as e:
+                raise AdapterError(f"{Path(directory) / WEIGHTS_NAME}: {e}") from None
     set_adapter_extras(model, meta)
     return meta
 
 
 def set_adapter_extras(model, meta: dict) -> None:
     """Put what an adapter.yaml holds beyond the tensors on the model's wrappers: each LoRA wrapper's column
-    scales (an imported HF PEFT adapter of mixed ranks/alphas; the one alpha / r where none are given) and
-    the HF PEFT layout it came in, so that saving the model again writes both back."""
+    scales (an imported HF PEFT adapter of mixed ranks/alphas; the one alpha / r where none are given), the
+    HF PEFT layout it came in and the names of the base tensors it carries, so that saving the model again
+    writes them back."""
     scales = meta.get(COLUMN_SCALES) or {}
-    layout = meta.get(HF_LAYOUT)
+    layout, saved = meta.get(HF_LAYOUT), list(meta.get(SAVED) or [])
     for mod in peft_modules(model):
-        mod.hf_peft_layout = layout
+        mod.hf_peft_layout, mod.saved_tensors = layout, saved
         if hasattr(mod, "set_column_scales"):
             mod.set_column_scales(scales.get(_module_key(mod)))
 

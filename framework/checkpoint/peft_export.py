@@ -27,6 +27,7 @@ from framework.checkpoint.adapter import (CONFIG_NAME, WEIGHTS_NAME, AdapterErro
 from framework.checkpoint.hf_export import DTYPES
 from framework.checkpoint.peft_layout import KEY as LAYOUT_KEY
 from framework.checkpoint.peft_layout import fold_column_scales, hf_layout
+from framework.checkpoint.saved_tensors import KEY as SAVED
 from framework.checkpoint.safetensors_files import open_safetensors
 from framework.models.config import ModelConfig
 from framework.runtime.atomic import atomic_directory
@@ -149,6 +150,10 @@ def export_peft(adapter_dir, out_dir, base_model_name_or_path: str | None = None
         if base_model_name_or_path is not None:
             config["base_model_name_or_path"] = base_model_name_or_path
     else:
+        if meta.get(SAVED):
+            raise PeftExportError(f"{adapter_dir / CONFIG_NAME}: {SAVED} {meta[SAVED][:3]} without the HF PEFT "
+                                  f"layout they came with ({LAYOUT_KEY!r}): only imported adapters carry base "
+                                  f"tensors, and export them as they came")
         config = peft_config_dict(meta, name)
         folded = fold_column_scales({k[len(PEFT_PREFIX):]: v for k, v in out.items()}, meta, model_cfg)
         out = {PEFT_PREFIX + k: v for k, v in folded.items()}

@@ -18,7 +18,11 @@ each row of W + s B A to its magnitude, so a row with zero delta stays W's), for
 padded with zeros to one common rank R (our LoRA has one rank). The result computes exactly HF's update;
 training it further lets the zero blocks move, which HF's structure would not. adapter.yaml records HF's
 config and where each module sits (``hf_peft``, framework/checkpoint/peft_layout.py), for the export.
-``modules_to_save``, trained biases and a few rarer settings (``_REFUSED``) are refused by key.
+Whole base tensors the adapter file holds, ``modules_to_save`` (a trained ``embed_tokens`` / ``lm_head``) and
+trained biases (``bias="lora_only"`` / ``"all"``, PEFT's ``...q_proj.base_layer.bias`` or ``...k_proj.bias``),
+are kept under the base model's names (framework/checkpoint/saved_tensors.py), completed with the base's own
+values where they fill one parameter of ours together (q/k/v biases). A few rarer settings (``_REFUSED``) are
+refused by key, as is a saved embedding or head of another vocabulary size (added tokens).
 
 Module names are the family's (framework/models/peft_names.py, through the registry): ``target_modules`` are
 matched as HF PEFT matches them (a module whose name is an entry or ends with ``.`` + an entry, so GPT-2's
@@ -55,6 +59,8 @@ from framework.checkpoint.hf_import import safetensors_index, shard_context
 from framework.checkpoint.safetensors_stream import SafetensorsReader
 from framework.checkpoint.peft_layout import KEY as LAYOUT_KEY
 from framework.checkpoint.peft_layout import digest, entry_selects, in_layers, module_scale, pattern_value
+from framework.checkpoint.saved_tensors import KEY as SAVED
+from framework.checkpoint.saved_tensors import base_shapes, complete_groups
 from framework.models import weight_table as wt
 from framework.models.fused_layout import split_qkv
 from framework.models.peft_names import LAYER_TARGETS
@@ -63,7 +69,6 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _REFUSED = {  # config keys whose adapters do not import, and why
-    "modules_to_save": "fully trained modules do not import yet",
     "layer_replication": "our models do not repeat layers",
     "exclude_modules": "give the modules to adapt in target_modules",
     "target_parameters": "adapters of bare parameters (MoE experts) have no counterpart in our wrappers",
@@ -159,8 +164,8 @@ def _check_config(cfg: dict, path: Path, model_cfg) -> str:
         raise PeftImportError(f"{path}: {'DoRA' if kind == 'LORA' else kind} adapters of the encoder-decoder "
                               f"{model_cfg.family} do not import (its job trains LoRA and full weights); LoRA and "
                               f"rsLoRA do")
-    if cfg.get("bias", "none") != "none":
-        raise PeftImportError(f"{path}: bias={cfg['bias']!r}; only bias='none' adapters import")
+    if cfg.get("bias", "none") not in ("none", "lora_only", "all"):
+        raise PeftImportError(f"{path}: bias={cfg['bias']!r}; expected 'none', 'lora_only' or 'all'")
     if cfg.get("fan_in_fan_out") and not names.fan_in_fan_out:
         raise PeftImportError(f"{path}: fan_in_fan_out=true (Conv1D bases) is not supported: {model_cfg.family}'s "
                               f"modules are nn.Linear")
@@ -259,21 +264,25 @@ def _blocks(entries) -> tuple[list[tuple[int, int]], int]:
     return blocks, start
 
 
-def _base_row_norms(base_dir, module: str, model_cfg) -> torch.Tensor:
-    """||W_row|| of an HF base module (a DoRA magnitude that leaves the module unchanged)."""
+def _base_tensor(base_dir, name: str, why: str) -> torch.Tensor:
+    """HF base tensor ``name`` from the HF model directory ``base_dir``; ``why``: what needs it."""
     if base_dir is None:
-        raise PeftImportError(f"{module}: the DoRA adapter leaves this module of a fused group (or layer) alone; "
-                              f"its magnitude is the base weight's row norm: pass the HF base model directory "
-                              f"(--model HF_DIR)")
+        raise PeftImportError(f"{why} is the base model's: pass the HF base model directory (--model HF_DIR)")
     index = safetensors_index(base_dir)
-    name = f"{module}.weight"
     if name not in index:
-        raise PeftImportError(f"{base_dir} has no {name} (needed for the DoRA magnitude of {module})")
+        raise PeftImportError(f"{base_dir} has no {name} (needed for {why})")
     reader = SafetensorsReader(PeftImportError)
     try:
-        w = reader.read(index[name], name).float()
+        return reader.read(index[name], name)
     finally:
         reader.close()
+
+
+def _base_row_norms(base_dir, module: str, model_cfg) -> torch.Tensor:
+    """||W_row|| of an HF base module (a DoRA magnitude that leaves the module unchanged)."""
+    w = _base_tensor(base_dir, f"{module}.weight", f"{module}: the DoRA adapter leaves this module of a fused "
+                                                  f"group (or layer) alone; its magnitude, the row norm of the "
+                                                  f"weight,").float()
     if peft_names(model_cfg.family).fan_in_fan_out:  # Conv1D stores [in, out]
         w = w.t()
     return w.pow(2).sum(dim=1).sqrt()
@@ -385,6 +394,56 @@ def _unexplained(tensors: dict, path: Path, model_cfg) -> PeftImportError:
                            + (f": {why}" if why else ""))
 
 
+def _saved_name(key: str, cfg: dict) -> str | None:
+    """The HF base tensor a leftover key of the adapter file stands for, when the config explains it: a
+    trained bias (``bias`` not 'none'; PEFT names an adapted module's ``base_layer.bias``) or a tensor of a
+    ``modules_to_save`` module."""
+    name = key.replace(".base_layer.", ".")
+    module = name.rsplit(".", 1)[0]
+    if cfg.get("bias", "none") != "none" and name.endswith(".bias"):
+        return name
+    saved = cfg.get("modules_to_save") or []
+    if entry_selects([saved] if isinstance(saved, str) else saved, module):
+        return name
+    return None
+
+
+def _import_saved(tensors: dict, cfg: dict, path: Path, model_cfg, base_dir) -> tuple[dict, dict, dict]:
+    """(our tensors, {HF name: the key PEFT wrote}, {HF name read from the base: digest}) for the whole base
+    tensors the adapter holds (framework/checkpoint/saved_tensors.py); the keys taken leave ``tensors``."""
+    base = base_shapes(model_cfg)
+    out, keys = {}, {}
+    for key in sorted(tensors):
+        name = _saved_name(key, cfg)
+        if name is None:
+            continue
+        if name not in base:
+            raise PeftImportError(f"{path}: {key} (modules_to_save {cfg.get('modules_to_save')!r}, bias "
+                                  f"{cfg.get('bias', 'none')!r}) is not a tensor of the {model_cfg.family} base model")
+        t = tensors[key]
+        if tuple(t.shape) != base[name]:
+            if name in _vocab_tensors(model_cfg) and t.shape[1:] == base[name][1:]:
+                raise PeftImportError(f"{path}: {key} has {t.shape[0]} rows, the base model's vocabulary "
+                                      f"{base[name][0]}: an adapter that added tokens (a resized embedding or "
+                                      f"head in modules_to_save) does not import yet")
+            raise PeftImportError(f"{path}: {key} has shape {tuple(t.shape)}, the base model's {name} is "
+                                  f"{base[name]}")
+        if model_cfg.tie_word_embeddings and name in _vocab_tensors(model_cfg):
+            raise PeftImportError(f"{path}: {key}: a trained {name} of a model with tied embeddings "
+                                  f"(tie_word_embeddings) does not import; HF PEFT unties what ours shares")
+        out[name], keys[name] = tensors.pop(key), key
+    fillers = {}
+    for name in complete_groups(out, model_cfg):
+        out[name] = _base_tensor(base_dir, name, f"{name}, which fills one parameter of ours with the trained "
+                                                 f"{sorted(keys)[0]},")
+        fillers[name] = digest(out[name])
+    return out, keys, fillers
+
+
+def _vocab_tensors(model_cfg) -> set[str]:
+    return {n for n, shape in base_shapes(model_cfg).items() if shape[:1] == (model_cfg.vocab_size,)}
+
+
 def import_peft(peft_dir, out_dir, model_cfg, base: dict | None = None, base_dir=None) -> dict:
     """Write our adapter for ``model_cfg`` (its config.json/config.yaml architecture) from an HF PEFT
     directory; returns the adapter.yaml contents. ``base_dir``: the HF base model directory, read only for
@@ -400,8 +459,13 @@ def import_peft(peft_dir, out_dir, model_cfg, base: dict | None = None, base_dir
     else:
         out, settings = _import_lora(tensors, cfg, peft_dir / PEFT_CONFIG, model_cfg, method == "dora", base_dir)
     meta.update(settings)
+    saved, keys, fillers = _import_saved(tensors, cfg, peft_dir / PEFT_CONFIG, model_cfg, base_dir)
     if tensors:
         raise _unexplained(tensors, peft_dir / PEFT_WEIGHTS, model_cfg)
+    if saved:
+        out.update(saved)
+        meta[SAVED] = sorted(saved)
+        meta[LAYOUT_KEY].update(saved=keys, saved_fillers=fillers)
     check_adapter_tensors(out, model_cfg, meta)
     _write_atomically(out_dir, {k: out[k] for k in sorted(out)}, meta)
     return meta

@@ -15,6 +15,10 @@ adapt a whole fused layer (q/k/v in one, gate/up in one) on every layer, with on
                                                           change nothing: zero B rows (LoRA, DoRA), DoRA's
                                                           magnitude = the base row norm (digest: its sha256),
                                                           IA3 ones
+      saved:    {HF base tensor: key in HF's file}        the whole tensors it carries (modules_to_save,
+                                                          biases: PEFT's ``q_proj.base_layer.bias``)
+      saved_fillers: {HF base tensor: digest}             the base's own values carried beside them (k_proj's
+                                                          bias beside a trained q/v bias: one tensor of ours)
     column_scales: {"[stack.]layer.target": [R scales]}   beside it, where the scales of a wrapper's rank
                                                           columns differ from its one scale (mixed ranks or
                                                           alphas)
@@ -40,6 +44,7 @@ import torch
 
 from framework.checkpoint.adapter import COLUMN_SCALES, HF_LAYOUT, AdapterError, _stacks, hf_module, ia3_module
 from framework.checkpoint.adapter import layer_prefix, peft_names, wrapper_key
+from framework.checkpoint.saved_tensors import KEY as SAVED
 from framework.peft.lora import lora_scaling
 
 KEY = HF_LAYOUT
@@ -160,7 +165,22 @@ def _changed_config(cfg: dict, emitted: dict[str, tuple | None], patterns: dict[
 
 def hf_layout(tensors: dict, meta: dict, model_cfg) -> tuple[dict, dict]:
     """(HF tensors, adapter_config.json) of an imported adapter's tensors (ours: every module of every
-    wrapper), as the module docstring describes."""
+    wrapper, and the base tensors it carries), as the module docstring describes."""
+    out, config = _module_layout(tensors, meta, model_cfg)
+    hp = meta[KEY]
+    fillers = hp.get("saved_fillers") or {}
+    for name in meta.get(SAVED) or []:
+        if name in fillers:
+            if digest(tensors[name]) != fillers[name]:
+                raise AdapterError(f"{name} was the base model's own at the import (it fills one parameter of "
+                                   f"ours with a trained tensor) and has changed since; HF PEFT's "
+                                   f"bias={hp['config'].get('bias')!r} adapter has no place for it")
+            continue
+        out[hp["saved"][name]] = tensors[name]
+    return out, config
+
+
+def _module_layout(tensors: dict, meta: dict, model_cfg) -> tuple[dict, dict]:
     hp, method = meta[KEY], meta["method"]
     modules, fillers = hp.get("modules") or {}, hp.get("fillers") or {}
     out, emitted, patterns = {}, {}, {}

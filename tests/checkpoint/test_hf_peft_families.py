@@ -236,8 +236,6 @@ def test_gpt2_fused_c_attn_ia3_and_dora_round_trip(method, hf_dirs, tmp_path):
         if "c_attn" in name:
             p[:h] = 1.0
 
-    # our export names each module unambiguously: attn.c_proj / mlp.c_proj rather than c_proj for both
-    ours = ["c_attn", "mlp.c_proj"] if method == "ia3" else ["attn.c_proj", "c_attn", "c_fc", "mlp.c_proj"]
     if method == "ia3":
         config = IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"])
         peft_model = _random_peft_model(hf_dir, config, fix=queries_one)
@@ -251,10 +249,11 @@ def test_gpt2_fused_c_attn_ia3_and_dora_round_trip(method, hf_dirs, tmp_path):
     original, back = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "peft", tmp_path / "back"))
     assert sorted(original) == sorted(back)
     for k in original:
-        assert torch.allclose(original[k], back[k], rtol=0, atol=1e-6), k
+        assert torch.equal(original[k], back[k]), k
+    # saved again at TP=2 the adapter still carries HF's layout (adapter.yaml's hf_peft): HF's own config back
     exported = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert exported == json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert exported["peft_type"] == config.peft_type.value and exported["fan_in_fan_out"] is True
-    assert sorted(exported["target_modules"]) == ours
 
 
 def test_ia3_on_query_rows_and_moe_experts_are_refused(hf_dirs, tmp_path):

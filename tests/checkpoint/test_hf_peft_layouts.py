@@ -48,11 +48,16 @@ def _cases():
         "ia3_keys_some_layers": IA3Config(target_modules=["model.layers.1.self_attn.k_proj", "down_proj"],
                                           feedforward_modules=["down_proj"]),
         "all_linear": LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"),
+        # trained biases (Qwen2's q/k/v; Llama has none, so PEFT writes none) and a trained embedding and head
+        "bias_lora_only": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], bias="lora_only"),
+        "saved_modules_bias_all": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"], bias="all",
+                                             modules_to_save=["embed_tokens", "lm_head"]),
     }
 
 
 def _random_adapter(model, seed):
-    """LoRA factors N(0, 0.1), DoRA magnitudes and IA3 vectors scaled by 1 + N(0, 0.1)."""
+    """LoRA factors N(0, 0.1), DoRA magnitudes and IA3 vectors scaled by 1 + N(0, 0.1); trained biases and
+    modules_to_save moved by N(0, 0.1)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -61,6 +66,8 @@ def _random_adapter(model, seed):
                 p.copy_(noise)
             elif "lora_magnitude" in n or "ia3_l" in n:
                 p.mul_(1 + noise)
+            elif p.requires_grad and ("modules_to_save" in n or n.endswith(".bias")):
+                p.add_(noise)
     return model.eval()
 
 
@@ -137,10 +144,14 @@ def _logits_worker(tp, pp, sp, jobs, resave_root=None):
                 again = Path(resave_root) / f"{fam}-{name}"
                 save_trained(model, again, job_peft, cfg)
                 remove_peft(model)
+                if "saved_tensors" in meta:  # the base's own again, so that the saved tensors must load
+                    load_hf_into_gpt(model, hf_dir, cfg)
                 apply_peft(model, job_peft, cfg)
                 load_trained(model, again, job_peft, cfg)
                 out[(fam, name, "resaved")] = forward_logits(model.eval(), tokens)
             remove_peft(model)
+            if "saved_tensors" in meta:  # the adapter's embedding, head or biases replaced the base's
+                load_hf_into_gpt(model, hf_dir, cfg)
     return out
 
 
@@ -187,6 +198,13 @@ def test_imported_layouts(imported):
     assert "0.qkv" in meta["column_scales"] and "column_scales" not in meta["hf_peft"]
     meta = cases["ia3_keys_some_layers"][3]
     assert meta["targets"] == ["k", "fc2"] and list(meta["hf_peft"]["fillers"]) == ["model.layers.0.self_attn.k_proj"]
+    assert cases["saved_modules_bias_all"][3]["saved_tensors"] == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert "saved_tensors" not in cases["bias_lora_only"][3]  # Llama has no biases
+    meta = data["qwen2"][2]["bias_lora_only"][3]  # q and v biases trained; k's, the base's, beside them
+    assert meta["saved_tensors"] == sorted(f"model.layers.{i}.self_attn.{m}_proj.bias" for i in range(2) for m in "qkv")
+    assert sorted(meta["hf_peft"]["saved_fillers"]) == [f"model.layers.{i}.self_attn.k_proj.bias" for i in range(2)]
+    assert meta["hf_peft"]["saved"]["model.layers.0.self_attn.q_proj.bias"] == \
+        "model.layers.0.self_attn.q_proj.base_layer.bias"
 
 
 @pytest.mark.timeout(600)
@@ -281,8 +299,10 @@ def test_column_scales_without_hf_layout_export_folded(imported, tmp_path):
 
 def test_what_still_does_not_import_is_refused_by_key(imported, tmp_path):
     """A DoRA filler needs the base's row norms: without the HF base the import names the module (the
-    converter passes --model's HF directory, and then imports it); modules_to_save and trained biases are
-    refused by their config key."""
+    converter passes --model's HF directory, and then imports it); a bias setting HF PEFT does not have is
+    refused by its key, an embedding with added tokens by its key and sizes."""
+    from safetensors.torch import load_file, save_file
+
     from converters import adapter_from_hf
     from framework.checkpoint.adapter import read_adapter_config
     from framework.checkpoint.peft_import import PeftImportError, import_peft
@@ -296,7 +316,17 @@ def test_what_still_does_not_import_is_refused_by_key(imported, tmp_path):
         import_peft(peft_dir, tmp_path / "no-base", cfg)
     adapter_from_hf.main([peft_dir, str(tmp_path / "cli"), "--model", hf_dir])
     assert read_adapter_config(tmp_path / "cli")["hf_peft"] == cases["dora_q_v"][3]["hf_peft"]
-    for key, value in (("modules_to_save", ["lm_head"]), ("bias", "lora_only")):
+    saved_dir = Path(cases["saved_modules_bias_all"][0])
+    resized = tmp_path / "added_tokens"
+    resized.mkdir()
+    (resized / "adapter_config.json").write_text((saved_dir / "adapter_config.json").read_text())
+    t = load_file(str(saved_dir / "adapter_model.safetensors"))
+    t["base_model.model.model.embed_tokens.weight"] = torch.zeros(260, 64)
+    save_file(t, str(resized / "adapter_model.safetensors"))
+    with pytest.raises(PeftImportError, match=r"model\.embed_tokens\.weight has 260 rows, the base model's "
+                                              r"vocabulary 256: an adapter that added tokens"):
+        import_peft(resized, tmp_path / "added-ours", cfg, base_dir=hf_dir)
+    for key, value in (("bias", "lora_and_more"),):
         bad = tmp_path / key
         bad.mkdir()
         config = json.loads(Path(peft_dir, "adapter_config.json").read_text())
