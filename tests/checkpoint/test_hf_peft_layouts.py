@@ -3,12 +3,14 @@
 On two families (Llama, Qwen2: q/k/v biases), random HF PEFT adapters (non-zero B, DoRA magnitudes and IA3
 vectors moved off their initial values) of the layouts our fused layers do not have: DoRA/LoRA on part of a
 fused group (q_proj + v_proj, gate_proj + up_proj), mixed ranks and alphas (``rank_pattern`` /
-``alpha_pattern``, rsLoRA too), adapters on some layers only (``layers_to_transform``), IA3 on keys only and
-``target_modules="all-linear"`` written as a string. Each imports (framework/checkpoint/peft_import.py) and
+``alpha_pattern``, rsLoRA too), adapters on some layers only (``layers_to_transform``), IA3 on keys only,
+``target_modules="all-linear"`` written as a string, trained biases (``bias="lora_only"`` / ``"all"``) and a
+trained embedding and head (``modules_to_save``). Each imports (framework/checkpoint/peft_import.py) and
 gives PEFT's logits within 1e-4 at TP=1, TP=2 with sequence parallelism and PP=2 (one spawn per layout runs
-every case); exported straight away and after a save at TP=2 it gives back HF PEFT's tensors and config
-bitwise; an adapter trained beyond HF's layout (a filler moved, a module's B outside its block) exports to a
-form PEFT loads with our logits."""
+every case; two cases also generate greedily, as PEFT's ``generate`` does); saved at TP=2 as a training job
+saves it and loaded again, PEFT's logits still; exported straight away and after that save it gives back HF
+PEFT's tensors and config bitwise; an adapter trained beyond HF's layout (a filler moved, a module's B
+outside its block) exports to a form PEFT loads with our logits."""
 
 from __future__ import annotations
 
@@ -21,8 +23,11 @@ import torch
 from launch.spawn import run_distributed
 from tests.family_cases import tokens_for
 from tests.family_models import hf_model
+from tests.generate_cases import PROMPTS, hf_greedy
 
 TOL = 1e-4  # fp32 logits of two implementations: the reductions' order differs (tests/tolerances.py)
+GREEDY = {("llama", "lora_patterns"), ("qwen2", "saved_modules_bias_all")}  # also generated, vs PEFT's generate
+N_NEW = 8
 
 FAMILIES = {
     "llama": lambda: hf_model("llama", 0, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2),
@@ -99,8 +104,9 @@ def imported(tmp_path_factory):
                 (peft_dir / "adapter_config.json").write_text(json.dumps(c))
             with torch.no_grad():
                 expected = model(input_ids=tokens).logits.float()
+            greedy = hf_greedy(model, PROMPTS, N_NEW) if (fam, name) in GREEDY else None
             meta = import_peft(peft_dir, root / f"{fam}-{name}", cfg, base_dir=hf_dir)
-            cases[name] = (str(peft_dir), str(root / f"{fam}-{name}"), expected, meta)
+            cases[name] = (str(peft_dir), str(root / f"{fam}-{name}"), expected, meta, greedy)
         out[fam] = (hf_dir, tokens, cases)
     return root, out
 
@@ -114,8 +120,11 @@ def _logits_worker(tp, pp, sp, jobs, resave_root=None):
     applied and loaded in turn: {(family, case): logits}. With resave_root each adapter is also saved again
     as a training job saves it (save_trained with the job's peft section only: what the import added beyond
     it must come from the loaded wrappers), loaded from there into fresh wrappers: {(family, case,
-    'resaved'): logits}."""
+    'resaved'): logits}. Where the job names a case in GREEDY (and not under SP), also its greedy completions of
+    PROMPTS: {(family, case, 'greedy'): token lists}."""
     from omegaconf import OmegaConf
+
+    from framework.inference.generate import GenerationConfig, generate
 
     from framework.checkpoint.adapter import load_adapter, read_adapter_config
     from framework.checkpoint.trained import load_trained, save_trained
@@ -138,6 +147,9 @@ def _logits_worker(tp, pp, sp, jobs, resave_root=None):
             apply_peft(model, job_peft, cfg)
             load_adapter(model, adapter_dir, cfg)
             out[(fam, name)] = forward_logits(model.eval(), tokens)
+            if (fam, name) in GREEDY and not sp:
+                done = generate(model, PROMPTS, GenerationConfig(max_new_tokens=N_NEW))
+                out[(fam, name, "greedy")] = [c.tokens for c in done]
             if "column_scales" in meta:
                 assert "scaling=per-column" in repr(model), name
             if resave_root is not None:
@@ -163,7 +175,7 @@ def _jobs(data, adapters=None):
 def _check(results, want, label):
     for rank, got in enumerate(results):
         for key, logits in got.items():
-            if logits is None:
+            if logits is None or key[-1] == "greedy":
                 continue
             diff = (logits - want[key[:2]]).abs().max().item()
             assert diff < TOL, f"{label} rank {rank} {key}: max |logit diff| against HF PEFT {diff:.3g}"
@@ -209,7 +221,8 @@ def test_imported_layouts(imported):
 
 @pytest.mark.timeout(600)
 def test_layouts_give_peft_logits_at_every_layout(imported, tmp_path):
-    """TP=1, TP=2 + SP and PP=2: PEFT's logits. At TP=2 every adapter is also saved as a training job saves
+    """TP=1, TP=2 + SP and PP=2: PEFT's logits (and at TP=1 and PP=2 greedy completions equal to PEFT's
+    ``generate`` for the GREEDY cases). At TP=2 every adapter is also saved as a training job saves
     it (its peft section only, without the import's column scales and HF layout) and loaded back: PEFT's
     logits again, and it exports to HF PEFT's own tensors and config, bitwise, as the imports themselves do
     (mixed ranks and alphas included: the wrappers held their column scales)."""
@@ -217,13 +230,19 @@ def test_layouts_give_peft_logits_at_every_layout(imported, tmp_path):
 
     root, data = imported
     want = _expected(data)
-    _check(run_distributed(_logits_worker, 1, 1, 1, False, _jobs(data), timeout=300), want, "TP=1")
+    greedy = {(fam, n): c[4] for fam, (_, _, cases) in data.items() for n, c in cases.items() if c[4] is not None}
+    single = run_distributed(_logits_worker, 1, 1, 1, False, _jobs(data), timeout=300)
+    _check(single, want, "TP=1")
+    assert {k[:2]: v for k, v in single[0].items() if k[-1] == "greedy"} == greedy  # PEFT's generate, greedy
     resaved = run_distributed(_logits_worker, 2, 2, 1, True, _jobs(data), str(tmp_path), timeout=300)
     assert {k for k in resaved[0] if len(k) == 3} == {(*k, "resaved") for k in want}
     _check(resaved, want, "TP=2+SP")
-    _check(run_distributed(_logits_worker, 2, 1, 2, False, _jobs(data), timeout=300), want, "PP=2")
+    staged = run_distributed(_logits_worker, 2, 1, 2, False, _jobs(data), timeout=300)
+    _check(staged, want, "PP=2")
+    for got in staged:
+        assert {k[:2]: v for k, v in got.items() if k[-1] == "greedy"} == greedy
     for fam, (_, _, cases) in data.items():
-        for name, (peft_dir, ours, _, _) in cases.items():
+        for name, (peft_dir, ours, *_) in cases.items():
             export_peft(ours, tmp_path / f"{fam}-{name}-direct")
             _assert_bitwise(peft_dir, tmp_path / f"{fam}-{name}-direct", f"{fam} {name} direct")
             export_peft(tmp_path / f"{fam}-{name}", tmp_path / f"{fam}-{name}-back")
