@@ -37,6 +37,8 @@ COMMANDS = {c.name: c for c in (
             "launch.finetune", "hydra"),
     Command("dpo", "preference-tune a model: DPO, IPO, robust DPO, with any PEFT method (conf/dpo.yaml)",
             "launch.dpo", "hydra"),
+    Command("reward", "train a reward model: a score head, Bradley-Terry loss on preference pairs (conf/reward.yaml)",
+            "launch.reward", "hydra"),
     Command("generate", "complete the prompts of a JSONL file, with or without an adapter (conf/generate.yaml)",
             "launch.generate", "hydra"),
     Command("evaluate", "score a model or adapter against references: loss, perplexity, exact match, F1",

@@ -142,9 +142,11 @@ class HFWeights:
     applies the transform for this TP rank, checks the shape and casts to the parameter's dtype. Only the
     parameters' names, shapes and dtypes are used, so ``gpt_model`` may live on the meta device.
     ``value`` may be called from several threads at once. Use as a context manager (closes the files).
+    ``outside``: {HF tensor name: our parameter name} that the caller loads itself, left out of both checks
+    (a sequence-classification head: framework/checkpoint/score_head.py).
     """
 
-    def __init__(self, gpt_model, hf_dir: str | Path, model_cfg: ModelConfig):
+    def __init__(self, gpt_model, hf_dir: str | Path, model_cfg: ModelConfig, outside: dict | None = None):
         from megatron.core import parallel_state
 
         self.hf_dir = hf_dir = Path(hf_dir)
@@ -159,7 +161,10 @@ class HFWeights:
         expected = family.hf_shapes(model_cfg)
 
         # The HF side: every name must be known, and its layer must exist.
+        outside = outside or {}
         for name in index:
+            if name in outside:
+                continue
             try:
                 kind = wt.classify_hf_name(name, rules, family.ignored, tied, deepest_stack(model_cfg, rules),
                                            model_cfg.num_experts)
@@ -197,7 +202,7 @@ class HFWeights:
                         raise HFImportError(f"HF tensor {n!r} (needed for parameter {ours!r}) is missing "
                                             f"from the checkpoint in {hf_dir}")
                 self.plan[ours] = (rule, hf_names)
-        unassigned = sorted(set(params) - set(self.plan))
+        unassigned = sorted(set(params) - set(self.plan) - set(outside.values()))
         if unassigned:
             raise HFImportError(f"parameter(s) {unassigned} of this stage have no source in the HF name table; "
                                 f"the model would keep random weights there")

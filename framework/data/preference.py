@@ -9,7 +9,8 @@ In the chat form ``messages`` is the shared context (OpenAI style, checked as th
 checks it, tools and tool calls included, with ``tools`` beside it) and each response is a string (the
 assistant's content), an assistant message object, or a list of messages ending with the assistant's
 (TRL's conversational form, where ``prompt`` may also hold the context list instead of ``messages``).
-Other keys are ignored.
+An optional ``"margin"`` (a number) is kept with the pair for reward-model training (TRL's margin,
+framework/training/reward.py; DPO ignores it). Other keys are ignored.
 
 Sequences. Text: each row is ``[bos] + encode(prompt) + encode(response) + [eos]`` with the loss mask on
 the response tokens and the eos, exactly the SFT prompt/completion sample
@@ -82,6 +83,7 @@ class PreferencePair:
     """The chosen and the rejected sequence of one record (same prompt tokens, different targets)."""
     chosen: Sample
     rejected: Sample
+    margin: float | None = None   # the record's "margin" (reward models), None without one
 
     def __len__(self) -> int:  # tokens of both rows (what the report counts)
         return len(self.chosen) + len(self.rejected)
@@ -127,6 +129,13 @@ def _response(path, line, obj: dict, key: str, chat: bool):
     if value.get("content") in (None, "") and not value.get("tool_calls"):
         raise _Bad(EMPTY_RESPONSE, f'empty "{key}" response')
     return value
+
+
+def _margin(path, line: int, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise DataError(path, line, f'"margin": expected a finite number (how much chosen should outscore '
+                                    f'rejected), got {value!r}')
+    return float(value)
 
 
 def parse_preference(path, line: int, obj: dict):
@@ -220,6 +229,8 @@ def iter_preferences(path: str | os.PathLike, tokenizer, max_length: int, trunca
         if pair is None:
             report.add_dropped(line, reason)
             continue
+        if obj.get("margin") is not None:
+            pair = dataclasses.replace(pair, margin=_margin(path, line, obj["margin"]))
         report.add_kept(line, len(pair), pair.num_targets, cut)
         yield pair
 
