@@ -12,7 +12,7 @@ Examples:
 Groups and keys (every file in conf/ is commented; `--cfg job` prints the resolved configuration):
   model=smollm2_135m|tiny_llama|llama2_7b|llama3_8b|mistral_7b|mixtral_8x7b|gemma_7b|...
         model.source=smollm2|hf|ckpt|random, model.path (HF dir, or our checkpoint dir/.tar), model.tokenizer
-  peft=lora|dora|ia3|adapter|prompt_tuning|ptuning|qlora|none (full fine-tuning)
+  peft=lora|dora|ia3|adapter|prompt_tuning|ptuning|prefix_tuning|qlora|relora|none (full fine-tuning)
         lora/dora/qlora: peft.rank, peft.alpha, peft.dropout, peft.rslora, peft.targets=[qkv,proj,fc1,fc2,...]
   data=humaneval|chat_example   data.train, data.validation | data.validation_split, data.test, data.format,
         data.max_length, data.truncation_side=left|right, data.loss_on, data.packing, data.cache_dir

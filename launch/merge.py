@@ -118,8 +118,11 @@ def resolve(args) -> tuple:
         except (HydraException, OmegaConfBaseException) as e:
             raise ConfigError(f"the overrides {args.overrides} do not compose conf/finetune.yaml: {e}") from None
     is_run = _is_job_config(source / JOB_CONFIG)
+    relora = OmegaConf.select(cfg, "peft.method") == "relora"
     if (source / "adapter.yaml").is_file() or (not is_run and (source / "weights").is_dir()):
         adapter = source  # an adapter, or full fine-tuned weights (refused with the reason)
+    elif relora:  # a ReLoRA run: its merged base and last adapter (framework/checkpoint/trained.py)
+        adapter = source / "weights" / "adapter"
     else:  # a run directory
         trained_base = OmegaConf.select(cfg, "peft.method") in ("none", "full")
         name = args.adapter_name or OmegaConf.select(cfg, "adapter_name", default="default")
@@ -127,7 +130,24 @@ def resolve(args) -> tuple:
         if not adapter.exists():
             raise ConfigError(f"SOURCE={source} has no {ADAPTERS_DIR}/{name} (the run's adapter_name; "
                              f"choose another with --adapter-name)")
+    if relora:
+        cfg = relora_base(cfg, adapter)
     return cfg, adapter
+
+
+def relora_base(cfg, adapter: Path):
+    """A ReLoRA run's model is its merged base (ADAPTER/../base, our checkpoint format) plus ADAPTER: the base
+    replaces the run's starting model, whose tokenizer it keeps."""
+    from framework.checkpoint import hub
+    from framework.runtime.errors import ConfigError
+
+    base = adapter.parent / "base"
+    if not base.is_dir():
+        raise ConfigError(f"{adapter}: a ReLoRA adapter (peft.method=relora) is merged with the base its run "
+                          f"merged its restarts into, {base}, which does not exist")
+    cfg.model.tokenizer = str(hub.tokenizer_dir(cfg.model))
+    cfg.model.source, cfg.model.path = "ckpt", str(base)
+    return cfg
 
 
 def main(argv=None) -> int:

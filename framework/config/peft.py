@@ -81,6 +81,26 @@ class QLoraSection(LoraSection):
 
 
 @dataclasses.dataclass
+class ReLoraSection(LoraSection):
+    """LoRA merged into the base every merge_every steps and restarted (framework/peft/relora.py)."""
+    method: str = "relora"
+    merge_every: int = 100            # steps between restarts (merge, new factors, optimizer reset)
+    restart_warmup_steps: int = 10    # the jagged schedule's warm-up after each restart (0: none)
+    reset: str = "prune"              # the adapters' Adam moments at a restart: zero | prune (by magnitude)
+    prune_ratio: float = 0.99         # reset=prune: the fraction of each moment tensor set to zero
+
+    def problems(self) -> list[str]:
+        out = super().problems() + [p for p in (at_least("peft.merge_every", self.merge_every, 1),
+                                                at_least("peft.restart_warmup_steps", self.restart_warmup_steps, 0))
+                                    if p]
+        if self.reset not in ("zero", "prune"):
+            out.append(f"peft.reset={self.reset!r} is not one of ['zero', 'prune']")
+        if not 0.0 <= self.prune_ratio < 1.0:
+            out.append(f"peft.prune_ratio={self.prune_ratio!r}: expected a number in [0, 1)")
+        return out
+
+
+@dataclasses.dataclass
 class IA3Section(PeftSection):
     """Learned rescaling of keys, values and the MLP's inner activations."""
     method: str = "ia3"
@@ -142,6 +162,7 @@ class PTuningSection(PeftSection):
 
 #: conf/peft/<name>.yaml -> its section
 SECTIONS: dict[str, type[PeftSection]] = {
-    "none": NoneSection, "lora": LoraSection, "dora": DoraSection, "qlora": QLoraSection, "ia3": IA3Section,
+    "none": NoneSection, "lora": LoraSection, "dora": DoraSection, "qlora": QLoraSection, "relora": ReLoraSection,
+    "ia3": IA3Section,
     "adapter": AdapterSection, "prompt_tuning": PromptTuningSection, "ptuning": PTuningSection,
 }

@@ -7,6 +7,8 @@ say what it trains.
         "prompt_table"   the prompt methods' table (framework/peft/virtual_tokens.py; ``module`` saves it)
         "weights"        every weight (``peft.method=none``, full fine-tuning), through megatron
                          dist_checkpointing so it reshards on load
+        "base_and_adapter"  ReLoRA: the base weights its restarts changed (as "weights") and the current
+                         adapter (as "adapter")
 
 ``check(cfg, model_cfg)``, where a method has one, lists what is wrong with its ``peft.*`` keys before any
 process group starts.
@@ -42,6 +44,11 @@ class Method:
     def trains_base(self) -> bool:
         """Every base weight is trained (full fine-tuning): nothing is frozen, the artefact is a checkpoint."""
         return self.artefact == "weights"
+
+    @property
+    def saves_base(self) -> bool:
+        """What it saves includes base weights (full fine-tuning; ReLoRA's merged base)."""
+        return self.artefact in ("weights", "base_and_adapter")
 
 
 def _lazy(module: str, name: str) -> Callable:
@@ -82,6 +89,9 @@ METHODS: dict[str, Method] = {
        for name, module, mlp in (("dora", "dora", _LORA_MLP), ("ia3", "ia3", _IA3_MLP),
                                  ("adapter", "adapters", _ADAPTER_MLP))},
     "none": Method("none", _apply_none, artefact="weights"),
+    # ReLoRA: LoRA layers merged into the base every peft.merge_every steps (framework/peft/relora.py)
+    "relora": Method("relora", _apply_lora, artefact="base_and_adapter",
+                     check=_lazy("framework.peft.relora", "config_problems"), **_LORA_MLP),
     # QLoRA adapters are LoRA adapters (same factors and files); only the base is stored as NF4.
     "qlora": Method("qlora", _apply_qlora,
                     check=_lazy("framework.peft.qlora", "config_problems"), **_LORA_MLP),

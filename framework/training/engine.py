@@ -32,6 +32,7 @@ from framework.checkpoint.model_loading import build_pretrained
 from framework.data.batching import BatchOrder
 from framework.models.config import ModelConfig
 from framework.peft.param_count import count_parameters
+from framework.peft.relora import Restarts
 from framework.peft.virtual_tokens import with_virtual_tokens
 from framework.runtime import distributed as rtd
 from framework.runtime.progress import progress
@@ -142,6 +143,9 @@ def run(cfg: DictConfig, task: Task):
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     stopper = EarlyStopping.from_config(tr)
+    # ReLoRA: after some steps the adapter is merged into the base and restarted (framework/peft/relora.py)
+    restarts = None if cfg.peft.method != "relora" else Restarts.from_config(cfg.peft, model, optimizer, scheduler,
+                                                                              cfg.seed)
 
     before = None
     if resume_from is not None:
@@ -160,6 +164,8 @@ def run(cfg: DictConfig, task: Task):
         if before.record is not None:
             loop.extra["val_before"] = before.record
         log.info("validation before training: %s", before.text)
+    if restarts is not None:
+        restarts.set_lr(loop.step + 1)  # a warm-up after a restart, over the scheduler's (restored) rate
     tracker = Tracker(tr, out, rt.is_main, first_step=loop.step + 1, wandb_run_id=loop.wandb_run_id,
                       run_config=OmegaConf.to_container(cfg, resolve=True))
     loop.wandb_run_id = tracker.wandb_run_id
@@ -185,9 +191,14 @@ def run(cfg: DictConfig, task: Task):
             forward_step_func=task.forward_step, data_iterator=iter(micro_batches), model=[model],
             num_microbatches=len(micro_batches), seq_length=micro_batches[0]["tokens"].shape[1],
             micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=False)
+        lr = optimizer.param_groups[0]["lr"]  # this step's (the scheduler sets the next one's below)
         _ok, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
-        lr, grad_norm = optimizer.param_groups[0]["lr"], None if grad_norm is None else float(grad_norm)
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        if restarts is not None and restarts.after_step(step):
+            log.info("step %d: ReLoRA restart %d: adapter merged into the base, new factors, optimizer state %s",
+                     step, step // restarts.merge_every, "zeroed" if restarts.reset == "zero" else
+                     f"pruned to its largest {1 - restarts.prune_ratio:.0%}")
         report = task.train_report(reduced)
 
         loop.step, loop.units = step, loop.units + report.count

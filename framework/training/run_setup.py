@@ -85,8 +85,9 @@ def total_steps(tr, order) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class TrainedWeights:
-    """What a run trains (``peft``: an adapter, or the full weights for ``peft.method=none``) and where it
-    lives in a run or checkpoint directory: adapters/``adapter_name``, or weights/."""
+    """What a run trains (``peft``: an adapter, the full weights for ``peft.method=none``, ReLoRA's merged base
+    and adapter) and where it lives in a run or checkpoint directory: adapters/``adapter_name``, or weights/
+    when it includes base weights."""
     peft: DictConfig
     adapter_name: str
     model_cfg: ModelConfig
@@ -97,7 +98,7 @@ class TrainedWeights:
         return cls(cfg.peft, cfg.adapter_name, model_cfg, {"name": cfg.model.name, "source": cfg.model.source})
 
     def dir(self, root: Path) -> Path:
-        return root / "weights" if get_method(self.peft.method).trains_base else root / "adapters" / self.adapter_name
+        return root / "weights" if get_method(self.peft.method).saves_base else root / "adapters" / self.adapter_name
 
     def save(self, model, root: Path) -> Path:
         """Write them from the DDP-wrapped ``model`` under ``root`` (all ranks); returns their directory."""
