@@ -29,7 +29,10 @@ b rows of slots, each slot holding a token, its position and whether it is real:
 
 Both give each row the tokens it gets alone (greedy: the same up to float rounding). Virtual tokens
 (prompt tuning, P-tuning: framework/peft/virtual_tokens.py) enter in the prefill only; decode steps
-switch the prefix splice off, since their one new token must not be replaced by the prompt table.
+switch the prefix splice off, since their one new token must not be replaced by the prompt table. Prefix
+tuning (framework/peft/prefix_tuning.py) takes no slot: each layer puts its keys and values in front of the
+cached ones at every call, and the model's positions and RoPE angles start after them; its rows are padded
+on the right.
 
 Without the cache (``use_cache=False``) every step re-runs the whole of every unfinished row
 (prompt + tokens so far, right-padded) through :func:`framework.inference.logits.forward_logits`: slow,
@@ -62,6 +65,7 @@ from framework.inference.kv_cache import CachedForward
 from framework.inference.logits import forward_logits
 from framework.inference.sampling import Sampling, next_tokens, row_generators
 from framework.models.unwrap import unwrap_model
+from framework.peft import prefix_tuning
 from framework.peft.virtual_tokens import num_virtual_tokens
 
 PADDING_SIDES = ("auto", "right", "left")
@@ -203,6 +207,13 @@ def _applies_masks(gpt) -> bool:
 
 
 def _padding_side(gpt, wanted: str) -> str:
+    if prefix_tuning.has_prefix(gpt):
+        # Prefix keys carry no rotation, so a query's score against them depends on its absolute RoPE angle:
+        # left padding would shift a row's angles (its slots) away from the positions it has alone.
+        if wanted == "left":
+            raise ValueError("padding_side='left' shifts a row's RoPE angles relative to prefix tuning's keys; "
+                             "use padding_side='right' (or 'auto')")
+        return "right"
     if wanted == "auto":
         return "left" if _applies_masks(gpt) else "right"
     if wanted == "left" and not _applies_masks(gpt):

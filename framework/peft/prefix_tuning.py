@@ -50,7 +50,6 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from framework.models.attention import SDPAttention
 from framework.models.unwrap import unwrap_model
 from framework.peft.virtual_tokens import plain_config, seeded
 from framework.runtime.atomic import atomic_directory
@@ -247,6 +246,8 @@ def apply_prefix_tuning(model, num_virtual_tokens: int, prefix_projection: bool 
     initial values are HF PEFT's ``PrefixEncoder`` initialisation drawn whole from ``seed`` (default: the
     run's seed) on the CPU, then cut to this rank's layers and heads: the same model at every layout."""
     from megatron.core import parallel_state as ps
+
+    from framework.models.attention import SDPAttention  # imports megatron-core: kept out of validation
 
     gpt = unwrap_model(model)
     cfg = gpt.config

@@ -54,8 +54,9 @@ def _batch():
     return dict(tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=position_ids)
 
 
-def _hf_reference(shape, width, seed):
-    """HF PEFT's logits, loss, prefix gradients and greedy completions; and the prefix tensors used."""
+def _hf_reference(shape, width, seed, save_dir):
+    """HF PEFT's logits, loss, prefix gradients and greedy completions; and the prefix tensors used (the
+    adapter also saved to ``save_dir`` by HF PEFT)."""
     import torch.nn.functional as F
     from peft import PrefixTuningConfig, TaskType, get_peft_model
 
@@ -75,6 +76,7 @@ def _hf_reference(shape, width, seed):
     loss.backward()
     grads = {k: p.grad.detach().clone() for k, p in encoder.named_parameters()}
     state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    model.save_pretrained(save_dir)
     eos = model.config.eos_token_id
     completions = []
     with torch.no_grad():
@@ -135,7 +137,8 @@ def _packing(hf_dirs, case, state):
 
 def _layout_worker(tp, pp, sp, hf_dirs, states, save_root, load_root):
     """Per case: logits, loss and prefix gradients, greedy completions; TP=1 adds packing; files saved to
-    ``save_root`` or loaded from ``load_root``."""
+    ``save_root`` or loaded from ``load_root`` (our saves in CASE/, HF PEFT's imported in CASE-imported/,
+    loaded into a model without the projection)."""
     from megatron.core import parallel_state as ps
 
     from framework.data.batching import micro_batches
@@ -163,8 +166,15 @@ def _layout_worker(tp, pp, sp, hf_dirs, states, save_root, load_root):
             loaded, _ = _prefixed(hf_dirs, case, tp, pp, sp)
             prefix_tuning.load(loaded, os.path.join(load_root, case), model_cfg)
             res["loaded_logits"] = forward_logits(loaded, batch["tokens"])
+            table_only, _ = _prefixed(hf_dirs, CASES[case][0], tp, pp, sp)
+            prefix_tuning.load(table_only, os.path.join(load_root, f"{case}-imported"), model_cfg)
+            res["imported_logits"] = forward_logits(table_only, batch["tokens"])
         if tp == 1 and pp == 1 and case in ("gqa", "gqa_proj"):
             res["packing"] = _packing(hf_dirs, case, state)
+            try:
+                generate(model, PROMPTS, GenerationConfig(max_new_tokens=1, padding_side="left"))
+            except ValueError as e:
+                res["left_padding"] = str(e)
         out[case] = res
     return to_numpy(out)
 
@@ -175,15 +185,23 @@ def setup(tmp_path_factory):
     for shape in SHAPES:
         hf_dirs[shape] = str(tmp_path_factory.mktemp(f"prefix_hf_{shape}"))
         _hf_model(shape).save_pretrained(hf_dirs[shape])
-    refs = {case: _hf_reference(shape, width, seed=20 + i) for i, (case, (shape, width)) in enumerate(CASES.items())}
+    from framework.checkpoint.peft_import import import_peft
+    from framework.models.registry import config_from_hf
+
+    hf_saved, saved = tmp_path_factory.mktemp("prefix_hf_peft"), str(tmp_path_factory.mktemp("prefix_saved"))
+    refs = {case: _hf_reference(shape, width, 20 + i, hf_saved / case)
+            for i, (case, (shape, width)) in enumerate(CASES.items())}
     states = {case: ref[3] for case, ref in refs.items()}
-    saved = str(tmp_path_factory.mktemp("prefix_saved"))
+    for case, (shape, _) in CASES.items():  # HF PEFT's directories as our adapters (the table)
+        model_cfg = config_from_hf(json.loads(open(os.path.join(hf_dirs[shape], "config.json")).read()))
+        import_peft(hf_saved / case, os.path.join(saved, f"{case}-imported"), model_cfg)
     runs = {}
     for name, (world, tp, pp, sp, save_root, load_root) in {
             "tp1": (1, 1, 1, False, None, None), "pp2": (2, 1, 2, False, saved, None),
             "tp2-sp": (2, 2, 1, True, None, saved)}.items():
         runs[name] = to_torch(run_distributed(_layout_worker, world, tp, pp, sp, hf_dirs, states, save_root,
                                               load_root, timeout=400))
+    runs["saved"] = saved
     return hf_dirs, refs, runs
 
 
@@ -232,6 +250,12 @@ def test_packed_samples_each_see_the_prefix(setup):
                                        msg=lambda m: f"{case} grad {k}: {m}")
 
 
+def test_left_padding_is_refused(setup):
+    """Left padding would move a row's RoPE angles relative to the (unrotated) prefix keys: refused by name."""
+    _, _, runs = setup
+    assert "padding_side='left' shifts a row's RoPE angles" in runs["tp1"][0]["gqa"]["left_padding"]
+
+
 def test_saved_at_pp2_loads_at_tp2(setup):
     """Files saved at PP=2 (the table, and the projection's tensors) load at TP=2 and give HF's logits."""
     _, refs, runs = setup
@@ -239,6 +263,34 @@ def test_saved_at_pp2_loads_at_tp2(setup):
         for case, ref in refs.items():
             torch.testing.assert_close(result[case]["loaded_logits"], ref[0], atol=1e-4, rtol=0,
                                        msg=lambda m: f"rank {rank} {case}: {m}")
+
+
+def test_hf_peft_directories_import(setup):
+    """HF PEFT's saved PREFIX_TUNING directories (its prompt_embeddings: the projection's output where it was
+    on) import as our adapters, which load at TP=2 into models without the projection and give HF's logits."""
+    _, refs, runs = setup
+    for rank, result in enumerate(runs["tp2-sp"]):
+        for case, ref in refs.items():
+            torch.testing.assert_close(result[case]["imported_logits"], ref[0], atol=1e-4, rtol=0,
+                                       msg=lambda m: f"rank {rank} {case}: {m}")
+
+
+def test_exports_load_in_hf_peft(setup, tmp_path):
+    """Our adapters saved at PP=2 export to HF PEFT directories that ``PeftModel.from_pretrained`` loads and
+    that give HF PEFT's logits (the table exported with prefix_projection off, HF's inference mode)."""
+    from peft import PeftModel
+
+    from framework.checkpoint.peft_export import export_peft
+
+    _, refs, runs = setup
+    saved = runs["saved"]
+    for case, (shape, _) in CASES.items():
+        out = tmp_path / case
+        export_peft(os.path.join(saved, case), out)
+        model = PeftModel.from_pretrained(_hf_model(shape), out).eval()
+        with torch.no_grad():
+            logits = model(input_ids=_batch()["tokens"]).logits.float()
+        torch.testing.assert_close(logits, refs[case][0], atol=1e-4, rtol=0, msg=lambda m: f"{case}: {m}")
 
 
 # -- the job -----------------------------------------------------------------------------------------------
