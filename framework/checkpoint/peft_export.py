@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from framework.checkpoint.adapter import (CONFIG_NAME, WEIGHTS_NAME, AdapterError, feedforward_modules, peft_names,
                                           read_adapter_config, shapes_for, target_modules)
+from framework.checkpoint import prefix_tuning_hf
 from framework.checkpoint.hf_export import DTYPES
 from framework.checkpoint.peft_layout import KEY as LAYOUT_KEY
 from framework.checkpoint.peft_layout import fold_column_scales, hf_layout
@@ -82,6 +83,8 @@ def export_peft(adapter_dir, out_dir, base_model_name_or_path: str | None = None
     """
     t0 = time.perf_counter()
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir).absolute()
+    if prefix_tuning_hf.is_prefix_tuning(adapter_dir):  # one table, not per-module tensors: its own module
+        return prefix_tuning_hf.export_prefix_tuning(adapter_dir, out_dir, base_model_name_or_path, dtype)
     meta = read_adapter_config(adapter_dir)
     if meta["method"] not in ("lora", "dora", "ia3"):
         raise PeftExportError(f"{adapter_dir}: {meta['method']!r} adapters have no Hugging Face PEFT equivalent "

@@ -55,6 +55,7 @@ from safetensors.torch import load_file
 from framework.checkpoint.adapter import (COLUMN_SCALES, FORMAT_VERSION, AdapterError, _stacks, _write_atomically,
                                           check_adapter_tensors, expected_shapes, hf_module, layer_prefix, peft_names,
                                           target_modules, wrapper_key)
+from framework.checkpoint import prefix_tuning_hf
 from framework.checkpoint.hf_import import safetensors_index, shard_context
 from framework.checkpoint.safetensors_stream import SafetensorsReader
 from framework.checkpoint.peft_layout import KEY as LAYOUT_KEY
@@ -450,6 +451,8 @@ def import_peft(peft_dir, out_dir, model_cfg, base: dict | None = None, base_dir
     what the adapter leaves to the base (DoRA's magnitude of a module HF did not adapt)."""
     peft_dir, out_dir = Path(peft_dir), Path(out_dir)
     cfg, tensors = _read(peft_dir)
+    if prefix_tuning_hf.is_hf_prefix_tuning(cfg):  # one table, not per-module tensors: its own module
+        return prefix_tuning_hf.import_prefix_tuning(peft_dir, out_dir, model_cfg, cfg, base)
     method = _check_config(cfg, peft_dir / PEFT_CONFIG, model_cfg)
     meta = {"format_version": FORMAT_VERSION, "method": method,
             "base": dict(base or {"name": cfg.get("base_model_name_or_path")}), "model": model_cfg.to_dict(),

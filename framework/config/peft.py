@@ -160,9 +160,29 @@ class PTuningSection(PeftSection):
         return [p for p in out if p]
 
 
+@dataclasses.dataclass
+class PrefixTuningSection(PeftSection):
+    """n trained key/value positions in front of every attention layer's own (framework/peft/prefix_tuning.py)."""
+    method: str = "prefix_tuning"
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = None
+    init_weights: str | None = None
+    seed: int | None = None
+
+    def problems(self) -> list[str]:
+        out = [at_least("peft.num_virtual_tokens", self.num_virtual_tokens, 1),
+               None if self.encoder_hidden_size is None or self.encoder_hidden_size >= 1 else
+               f"peft.encoder_hidden_size={self.encoder_hidden_size!r}: expected an integer >= 1, or null",
+               None if self.init_weights in (None, "zero") else
+               f"peft.init_weights={self.init_weights!r}: expected null (random) or 'zero'"]
+        return [p for p in out if p]
+
+
 #: conf/peft/<name>.yaml -> its section
 SECTIONS: dict[str, type[PeftSection]] = {
     "none": NoneSection, "lora": LoraSection, "dora": DoraSection, "qlora": QLoraSection, "relora": ReLoraSection,
     "ia3": IA3Section,
     "adapter": AdapterSection, "prompt_tuning": PromptTuningSection, "ptuning": PTuningSection,
+    "prefix_tuning": PrefixTuningSection,
 }

@@ -4,7 +4,8 @@ say what it trains.
     apply(model, peft_cfg, model_cfg)          freeze what the method freezes, add its parameters
     artefact                                   what is saved after training (framework/checkpoint/trained.py):
         "adapter"        a small unsharded adapter directory (framework/checkpoint/adapter.py)
-        "prompt_table"   the prompt methods' table (framework/peft/virtual_tokens.py; ``module`` saves it)
+        "prompt_table"   the prompt methods' table (framework/peft/virtual_tokens.py; prefix tuning's key/value
+                         table, framework/peft/prefix_tuning.py; ``module`` saves it)
         "weights"        every weight (``peft.method=none``, full fine-tuning), through megatron
                          dist_checkpointing so it reshards on load
         "base_and_adapter"  ReLoRA: the base weights its restarts changed (as "weights") and the current
@@ -98,7 +99,8 @@ METHODS: dict[str, Method] = {
     **{name: Method(name, _lazy(f"framework.peft.{module}", "apply_from_config"), artefact="prompt_table",
                     module=f"framework.peft.{module}", check=_lazy(f"framework.peft.{module}", "config_problems"),
                     encodes_text=name == "prompt_tuning")
-       for name, module in (("prompt_tuning", "prompt_tuning"), ("ptuning", "p_tuning"))},
+       for name, module in (("prompt_tuning", "prompt_tuning"), ("ptuning", "p_tuning"),
+                            ("prefix_tuning", "prefix_tuning"))},
 }
 
 
