@@ -191,7 +191,7 @@ class HFWeights:
                 ours = rule.ours.format(**fmt)
                 if ours not in params and rule.te_ours is not None:
                     ours = rule.te_ours.format(**fmt)
-                if ours not in params:
+                if ours not in params or ours in outside.values():
                     continue  # not on this stage (embedding off the first stage, output layer off the last)
                 hf_names = [p.format(**hf_fmt) for p in rule.hf]
                 if ours in self.plan:

@@ -41,5 +41,5 @@ def build_pretrained(cfg, model_cfg, rt):
         (load_hf_score_model if score else load_hf_into_gpt)(model, hub.model_dir(cfg.model), model_cfg)
     apply_peft(model, cfg.peft, model_cfg, encode_text=hub.text_encoder(cfg.peft))
     if score and score_head_of(model) is not None:  # PEFT froze the base; the head is trained with any method
-        score_head_of(model).score.weight.requires_grad_(True)
+        score_head_of(model).weight.requires_grad_(True)
     return model

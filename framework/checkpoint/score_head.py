@@ -8,7 +8,8 @@ Import (:func:`load_hf_score_model`) reads the backbone through the family's tab
 ``score.weight``; a causal-LM directory (a reward model started from a base or SFT model) has no
 ``score.weight``: the head keeps its initialisation and the ``lm_head`` is not read. Export
 (:func:`export_hf_score`) writes the backbone with framework/checkpoint/hf_export.py (as a tied model, which
-has no ``lm_head``), ``score.weight`` in a file of its own listed in ``model.safetensors.index.json``, and
+has no ``lm_head``), ``score.weight`` in a file of its own listed in ``model.safetensors.index.json`` (a
+backbone of one file renamed to the first of two, as transformers reads a ``model.safetensors`` alone), and
 config.json with the ``...ForSequenceClassification`` architecture, ``num_labels`` 1 and ``pad_token_id``
 (transformers scores the last token that is not padding). A training job keeps the head beside its adapter
 or weights as ``score_head.safetensors`` (:func:`save_score_head` / :func:`load_score_head`).
@@ -71,11 +72,11 @@ def load_hf_score_model(model, hf_dir, model_cfg: ModelConfig) -> bool:
         found = HF_NAME in weights.index
         if found and head is not None:
             value = weights.reader.read(weights.index[HF_NAME], weights.stored[HF_NAME])
-            if tuple(value.shape) != tuple(head.score.weight.shape):
+            if tuple(value.shape) != tuple(head.weight.shape):
                 raise CheckpointError(f"{hf_dir}: {HF_NAME} has shape {tuple(value.shape)}, the score head is "
-                                      f"{tuple(head.score.weight.shape)} (num_labels=1, hidden_size)")
+                                      f"{tuple(head.weight.shape)} (num_labels=1, hidden_size)")
             with torch.no_grad():
-                head.score.weight.copy_(value)
+                head.weight.copy_(value)
     return found
 
 
@@ -100,7 +101,7 @@ def save_score_head(model, directory) -> Path:
     head = score_head_of(unwrap_model(model))
     if head is not None and _is_writer():
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({HF_NAME: head.score.weight.detach().float().cpu().contiguous()}, str(path))
+        save_file({HF_NAME: head.weight.detach().float().cpu().contiguous()}, str(path))
     _barrier()
     return path
 
@@ -113,10 +114,10 @@ def load_score_head(model, directory) -> None:
     head = score_head_of(unwrap_model(model))
     if head is not None:
         value = load_file(str(path)).get(HF_NAME)
-        if value is None or tuple(value.shape) != tuple(head.score.weight.shape):
-            raise CheckpointError(f"{path}: expected {HF_NAME} of shape {tuple(head.score.weight.shape)}")
+        if value is None or tuple(value.shape) != tuple(head.weight.shape):
+            raise CheckpointError(f"{path}: expected {HF_NAME} of shape {tuple(head.weight.shape)}")
         with torch.no_grad():
-            head.score.weight.copy_(value)
+            head.weight.copy_(value)
 
 
 def seq_cls_config(model_cfg: ModelConfig, dtype: str, pad_token_id: int | None) -> dict:
@@ -157,7 +158,7 @@ def export_hf_score(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, 
                        dtype, params=params)
     # the head, from the last stage to global rank 0
     if head_value is None and head is not None:
-        head_value = head.score.weight
+        head_value = head.weight
     weight = head_value.detach().float().cpu() if head_value is not None and _is_writer() else None
     if dist.is_available() and dist.is_initialized():
         got = [None] * dist.get_world_size() if rank0 else None
@@ -170,15 +171,20 @@ def export_hf_score(model, out_dir, model_cfg: ModelConfig, tokenizer_dir=None, 
         dtype_t = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         first = next(iter(params.values()))
         dtype = dtype or str(first.dtype).replace("torch.", "")
-        save_file({HF_NAME: weight.to(dtype_t[dtype]).contiguous()}, str(stage / SCORE_FILE), {"format": "pt"})
         index = stage / INDEX_FILE
-        weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else {
-            name: written[0] for name in safetensors_index(stage)}
-        weight_map[HF_NAME] = SCORE_FILE
+        if index.is_file():
+            weight_map, score_file = json.loads(index.read_text())["weight_map"], SCORE_FILE
+        else:  # transformers reads a model.safetensors before any index: two files of an index instead
+            names = list(safetensors_index(stage))
+            written, score_file = ["model-00001-of-00002.safetensors"], "model-00002-of-00002.safetensors"
+            (stage / "model.safetensors").rename(stage / written[0])
+            weight_map = {name: written[0] for name in names}
+        save_file({HF_NAME: weight.to(dtype_t[dtype]).contiguous()}, str(stage / score_file), {"format": "pt"})
+        weight_map[HF_NAME] = score_file
         total = sum((stage / f).stat().st_size for f in set(weight_map.values()))
         index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (stage / "config.json").write_text(json.dumps(seq_cls_config(model_cfg, dtype, pad_token_id), indent=2))
         publish(stage, out_dir)
-        report["files"] = written + [SCORE_FILE]
+        report["files"] = written + [score_file]
     _barrier()
     return report

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 HEAD_ATTR = "output_layer"  # the GPTModel attribute the head takes over
-HEAD_PARAM = "output_layer.score.weight"  # its parameter's name in the model (HF: ``score.weight``)
+HEAD_PARAM = "output_layer.weight"  # its parameter's name in the model (HF: ``score.weight``), where megatron's
+#                                     checkpointing expects the output layer's weight
 
 
 class ScoreHead(torch.nn.Module):
@@ -29,14 +30,14 @@ class ScoreHead(torch.nn.Module):
     def __init__(self, hidden_size: int, num_labels: int = 1, sequence_parallel: bool = False,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.score = torch.nn.Linear(hidden_size, num_labels, bias=False, dtype=dtype)
+        self.weight = torch.nn.Parameter(torch.empty(num_labels, hidden_size, dtype=dtype))  # HF's score.weight
         self.sequence_parallel = sequence_parallel
         if sequence_parallel:  # partial per TP rank: megatron all-reduces it over TP when finalising grads
-            self.score.weight.sequence_parallel = True
+            self.weight.sequence_parallel = True
 
     def forward(self, hidden: torch.Tensor, weight=None, runtime_gather_output=None):
         # weight: megatron passes the tied embedding here for an LM head; a score head has its own
-        scores = self.score(hidden)
+        scores = torch.nn.functional.linear(hidden, self.weight)
         if self.sequence_parallel:
             from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
@@ -55,7 +56,7 @@ def install_score_head(gpt, std: float, num_labels: int = 1, seed: int = 0) -> S
     head = ScoreHead(config.hidden_size, num_labels, config.sequence_parallel, config.params_dtype)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        head.score.weight.copy_(torch.randn(head.score.weight.shape, generator=g) * std)
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * std)
     device = next(gpt.parameters()).device
     head.to(device)
     setattr(gpt, HEAD_ATTR, head)

@@ -25,7 +25,7 @@ MARGINS = [0.5, 0.0, 1.5, -0.25]
 VARIANTS = {"plain": (False, None), "margin+center": (True, 0.05)}
 
 
-def tiny_reward_model(seed: int, family: str = "llama"):
+def tiny_reward_model(seed: int, family: str = "llama", tied: bool = False):
     """A seeded ``...ForSequenceClassification`` (hidden 64, vocab 256, one label, pad id 0) in fp32 eval mode,
     norms randomised and the score head drawn large enough that scores differ clearly between sequences."""
     from transformers import (LlamaConfig, LlamaForSequenceClassification, Qwen2Config,
@@ -34,7 +34,7 @@ def tiny_reward_model(seed: int, family: str = "llama"):
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForSequenceClassification),
                              "qwen2": (Qwen2Config, Qwen2ForSequenceClassification)}[family]
     cfg = config_cls(intermediate_size=128, head_dim=16, vocab_size=256, max_position_embeddings=128, hidden_size=64,
-                     num_labels=1, pad_token_id=PAD, tie_word_embeddings=False, **SHAPE)
+                     num_labels=1, pad_token_id=PAD, tie_word_embeddings=tied, **SHAPE)
     torch.manual_seed(seed)
     model = model_cls(cfg).float().eval()
     with torch.no_grad():
@@ -172,7 +172,7 @@ def ours_worker(tp, pp, sp, micro, model_dir, variants, out_root, adapter_dir=No
         apply_lora(model, targets=tuple(LORA["targets"]), rank=LORA["rank"], alpha=LORA["alpha"])
         load_adapter(model, adapter_dir, cfg)
         if score_head_of(model) is not None:
-            score_head_of(model).score.weight.requires_grad_(True)
+            score_head_of(model).weight.requires_grad_(True)
     ddp = wrap_ddp(model)
     out = {}
     for variant in variants:
