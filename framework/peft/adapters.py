@@ -129,11 +129,9 @@ def apply_adapters(model: nn.Module, targets=("attention", "mlp"), bottleneck: i
 
 
 def config_problems(cfg, model_cfg) -> list[str]:
-    """Checks of ``cfg.peft`` for bottleneck adapters (bottleneck, activation, targets)."""
+    """Checks of ``cfg.peft`` for bottleneck adapters (activation, targets; the bottleneck's value is checked by
+    framework/config/peft.py's section)."""
     peft, problems = cfg.peft, []
-    b = peft.get("bottleneck")
-    if not isinstance(b, int) or isinstance(b, bool) or b < 1:
-        problems.append(f"peft.bottleneck={b!r}: expected a positive integer")
     if peft.get("activation") not in ACTIVATIONS:
         problems.append(f"peft.activation={peft.get('activation')!r}: expected one of {sorted(ACTIVATIONS)}")
     return problems + targets_problems(peft, ADAPTER_TARGETS, "adapter")

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from framework.peft.lora import TARGETS, LoRALinear, apply_lora, check_targets, config_problems_for
+from framework.peft.lora import TARGETS, LoRALinear, apply_lora, check_targets, targets_problems
 from framework.peft.wrapping import Piece, mark, param_like
 
 #: DoRA targets: LoRA's linear ones (embedding excluded)
@@ -133,7 +133,7 @@ def apply_dora(model: nn.Module, targets=("qkv", "proj", "fc1", "fc2"), rank: in
 
 def config_problems(cfg, model_cfg) -> list[str]:
     """Checks of ``cfg.peft`` for DoRA (LoRA's keys; no embedding target; an output layer of its own)."""
-    problems = config_problems_for(cfg.peft, DORA_TARGETS, "DoRA")
+    problems = targets_problems(cfg.peft, DORA_TARGETS, "DoRA")
     targets = cfg.peft.get("targets") or []
     if "output" in targets and getattr(model_cfg, "tie_word_embeddings", False):
         problems.append("peft.targets has 'output' but the model ties its output layer to the embedding "

@@ -447,24 +447,6 @@ def apply_lora(model: nn.Module, targets=("qkv", "proj", "fc1", "fc2"), rank: in
 
 
 # -- the job's configuration ----------------------------------------------------------------------------
-def config_problems_for(peft, valid_targets, method: str) -> list[str]:
-    """What is wrong with a LoRA-style ``peft`` config section (rank, alpha, dropout, rslora, targets)."""
-    problems = []
-    rank = peft.get("rank")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        problems.append(f"peft.rank={rank!r}: expected a positive integer")
-    alpha = peft.get("alpha")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        problems.append(f"peft.alpha={alpha!r}: expected a positive number")
-    dropout = peft.get("dropout", 0.0)
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-        problems.append(f"peft.dropout={dropout!r}: expected a number in [0, 1)")
-    if not isinstance(peft.get("rslora", False), bool):
-        problems.append(f"peft.rslora={peft.get('rslora')!r}: expected true or false")
-    problems += targets_problems(peft, valid_targets, method)
-    return problems
-
-
 def targets_problems(peft, valid_targets, method: str) -> list[str]:
     targets = peft.get("targets")
     if isinstance(targets, str) or not hasattr(targets, "__iter__"):
@@ -477,8 +459,10 @@ def targets_problems(peft, valid_targets, method: str) -> list[str]:
 
 
 def config_problems(cfg, model_cfg) -> list[str]:
-    """Checks of ``cfg.peft`` for LoRA, before any process group starts."""
-    problems = config_problems_for(cfg.peft, TARGETS, "LoRA")
+    """Checks of ``cfg.peft`` for LoRA that need the method or the model (its targets, the initialisation,
+    cross-attention), before any process group starts; the keys' values are checked by
+    framework/config/peft.py's section."""
+    problems = targets_problems(cfg.peft, TARGETS, "LoRA")  # rank, alpha, ...: framework/config/peft.py
     init = cfg.peft.get("init_lora_weights", "kaiming")
     problem = init_problem(init)
     if problem:

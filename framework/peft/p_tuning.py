@@ -127,18 +127,10 @@ def load(model, directory, model_cfg) -> dict:
 
 
 def config_problems(cfg, model_cfg) -> list[str]:
-    peft = cfg.peft
+    """Positions that fit the model and an encoder this module builds (the keys' values are checked by
+    framework/config/peft.py's section)."""
     problems = shared(cfg, model_cfg)
-    kind = peft.get("encoder_reparameterization_type")
+    kind = cfg.peft.get("encoder_reparameterization_type")
     if kind not in ENCODERS:
         problems.append(f"peft.encoder_reparameterization_type={kind!r} is not one of {list(ENCODERS)}")
-    size = peft.get("encoder_hidden_size")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
-        problems.append(f"peft.encoder_hidden_size={size!r}: expected an integer >= 1, or null (= hidden size)")
-    layers = peft.get("encoder_num_layers", 2)
-    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
-        problems.append(f"peft.encoder_num_layers={layers!r}: expected an integer >= 1")
-    drop = peft.get("encoder_dropout", 0.0)
-    if not isinstance(drop, (int, float)) or isinstance(drop, bool) or not 0.0 <= drop < 1.0:
-        problems.append(f"peft.encoder_dropout={drop!r}: expected a number in [0, 1)")
     return problems

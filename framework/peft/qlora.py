@@ -37,7 +37,7 @@ import torch
 from framework.models.fused_layout import fuse_gate_up, fuse_qkv, shard, split_qkv, unfuse_gate_up
 from framework.models.kv_replication import dereplicate_rows, replicate_rows
 from framework.models.unwrap import unwrap_model
-from framework.peft.lora import LoRALinear, apply_lora, lora_modules
+from framework.peft.lora import TARGETS, LoRALinear, apply_lora, lora_modules, targets_problems
 from framework.peft.nf4 import NF4Weight
 
 log = logging.getLogger(__name__)
@@ -170,14 +170,6 @@ def quantized_numel(model) -> int:
 
 
 def config_problems(cfg, model_cfg) -> list[str]:
-    """What is wrong with ``cfg.peft`` for QLoRA (the LoRA keys and the two block sizes)."""
-    peft = cfg.peft
-    problems = []
-    for key, minimum in (("block_size", 2), ("scaler_block_size", 1)):
-        v = peft.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-            problems.append(f"peft.{key}={v!r}: expected an integer >= {minimum}")
-    v = peft.get("block_size")
-    if isinstance(v, int) and not isinstance(v, bool) and v % 2:
-        problems.append(f"peft.block_size={v}: must be even (two 4-bit codes are packed per byte)")
-    return problems
+    """What is wrong with ``cfg.peft``'s targets for QLoRA (the keys' values, block sizes included, are
+    checked by framework/config/peft.py's section)."""
+    return targets_problems(cfg.peft, TARGETS, "QLoRA")

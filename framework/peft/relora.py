@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from framework.peft.lora import TARGETS, LoRAEmbedding, LoRALinear, config_problems_for
+from framework.peft.lora import TARGETS, LoRAEmbedding, LoRALinear, targets_problems
 from framework.peft.wrapping import init_seed, peft_modules
 
 RESETS = ("zero", "prune")
@@ -139,7 +139,7 @@ class Restarts:
 def config_problems(cfg, model_cfg) -> list[str]:
     """Checks of ``cfg.peft`` for ReLoRA, before any process group starts (its own keys' values are checked
     by framework/config/peft.py's section)."""
-    problems = config_problems_for(cfg.peft, TARGETS, "ReLoRA")
+    problems = targets_problems(cfg.peft, TARGETS, "ReLoRA")
     if cfg.peft.get("reset") == "prune" and cfg.get("trainer", {}).get("distributed_optimizer", False):
         problems.append("peft.reset=prune takes each tensor's magnitude quantile, but trainer.distributed_optimizer="
                         "true splits the optimizer state of a tensor over data-parallel ranks; use peft.reset=zero or "

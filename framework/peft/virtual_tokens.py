@@ -276,10 +276,11 @@ def read_prompt_adapter(directory, model, methods: tuple[str, ...]) -> tuple[dic
 
 
 def config_problems(cfg, model_cfg) -> list[str]:
-    """Checks shared by the virtual-token methods: n, and positions that still fit the model."""
+    """Checks shared by the virtual-token methods: positions that still fit the model (n's own value is checked
+    by framework/config/peft.py's section)."""
     n = cfg.peft.get("num_virtual_tokens")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        return [f"peft.num_virtual_tokens={n!r}: expected an integer >= 1"]
+    if not isinstance(n, int) or n < 1:
+        return []
     problems = []
     max_len = cfg.data.get("max_length")
     tp = cfg.parallel.tensor if cfg.parallel.get("sequence") else 1
