@@ -58,6 +58,7 @@ class Entry:
 ENTRIES = {
     "finetune": Entry("launch/finetune.py", "finetune", run_dir=True),
     "dpo": Entry("launch/dpo.py", "dpo", run_dir=True),
+    "reward": Entry("launch/reward.py", "reward", run_dir=True),
     "generate": Entry("launch/generate.py", "generate"),
     "evaluate": Entry("launch/evaluate.py", "generate", fixed=("mode=eval",)),
     "prepare-data": Entry("launch/prepare_data.py", "finetune", run_dir=True, ranks=False),

@@ -50,7 +50,7 @@ def test_help_lists_every_command():
     p = mft("--help")
     assert p.returncode == 0, p.stderr
     listed = dict(re.findall(r"^  ([a-z-]+)  +(\S.*)$", p.stdout.split("commands:")[1].split("\n\n")[0], re.M))
-    assert list(listed) == ["finetune", "dpo", "generate", "evaluate", "prepare-data", "plan", "params",
+    assert list(listed) == ["finetune", "dpo", "reward", "generate", "evaluate", "prepare-data", "plan", "params",
                             "convert", "merge", "submit"]
     assert all(len(line) > 20 for line in listed.values())
     p = mft("convert", "--help")
