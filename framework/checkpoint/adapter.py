@@ -53,14 +53,20 @@ import dataclasses
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import yaml
+from safetensors.torch import load_file, save_file
 
+from framework.checkpoint.hf_import import shard_context
 from framework.checkpoint.saved_tensors import KEY as SAVED
 from framework.checkpoint.saved_tensors import assemble_saved, base_shapes, load_saved, local_saved
 from framework.models import kv_replication
 from framework.models import weight_table as wt
 from framework.models.fused_layout import shard
-from framework.peft.wrapping import peft_modules
+from framework.models.registry import get_family
 from framework.models.unwrap import unwrap_model
+from framework.peft.wrapping import peft_modules
+from framework.runtime.atomic import atomic_directory
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "adapter.safetensors"
@@ -85,8 +91,6 @@ class AdapterError(ValueError):
 def peft_names(family: str, stack: str | None = None):
     """The family's HF PEFT module names (framework/models/peft_names.py ``PeftNames``), through the registry;
     ``stack``: those of one stack of an encoder-decoder model (T5: 'encoder' / 'decoder')."""
-    from framework.models.registry import get_family
-
     names = get_family(family).peft
     if names is None:
         raise AdapterError(f"family {family!r} declares no HF PEFT module names (PEFT in "
@@ -324,8 +328,6 @@ def _local_pieces(model, family: str) -> list[tuple[_Layout, torch.Tensor]]:
 
 
 def _ctx(model_cfg, tp_rank: int, tp_size: int) -> wt.ShardContext:
-    from framework.checkpoint.hf_import import shard_context
-
     return shard_context(model_cfg, tp_rank, tp_size)
 
 
@@ -417,10 +419,6 @@ def _on_stage(model, targets) -> list[str]:
 
 
 def _write_atomically(directory: Path, tensors: dict, meta: dict) -> None:
-    import yaml
-    from safetensors.torch import save_file
-
-    from framework.runtime.atomic import atomic_directory
 
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -435,8 +433,6 @@ def save_adapter(model, directory, peft_cfg: dict, model_cfg, base: dict | None 
     must agree with the model's wrappers and are stored as given otherwise. ``base`` describes the base
     model (name, source, revision, ...), stored as is.
     """
-    import torch.distributed as dist
-
     directory = Path(directory)
     actual = _stage_config(model)
     peft_cfg = dict(peft_cfg or {})
@@ -521,8 +517,6 @@ def save_adapter(model, directory, peft_cfg: dict, model_cfg, base: dict | None 
 # -- load -----------------------------------------------------------------------------------------------
 def read_adapter_config(directory) -> dict:
     """The adapter.yaml of DIR (its method, settings and targets are what to apply before loading)."""
-    import yaml
-
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"{path} not found: not an adapter directory")
@@ -536,8 +530,6 @@ def read_adapter_config(directory) -> dict:
 
 
 def read_adapter_tensors(directory) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise AdapterError(f"{path} not found")

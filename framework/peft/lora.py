@@ -61,11 +61,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.peft.lora_init import hf_modules_in, init_from_base, init_problem, modifies_base
-from framework.peft.wrapping import (CROSS_TARGETS, LAYER_TARGETS, MODEL_TARGETS, Piece, PeftWrapper, init_seed,
-                                     mark, param_like, seeded_generator, trainable_parameters, wrap_targets)
-from framework.peft.wrapping import check_targets as _check_targets
 from framework.models.unwrap import unwrap_model
+from framework.peft.lora_init import hf_modules_in, init_from_base, init_problem, modifies_base
+from framework.peft.wrapping import CROSS_TARGETS, LAYER_TARGETS, MODEL_TARGETS, PeftWrapper, Piece
+from framework.peft.wrapping import check_targets as _check_targets
+from framework.peft.wrapping import (init_seed, mark, param_like, peft_modules, seeded_generator, trainable_parameters,
+                                     wrap_targets)
 
 #: every LoRA target, in canonical order (the order also seeds A's initialisation: do not reorder)
 TARGETS = {**LAYER_TARGETS, **MODEL_TARGETS, **CROSS_TARGETS}
@@ -232,9 +233,10 @@ class LoRALinear(_LoRAWrapper):
     def lora_branch(self, x_dropped: torch.Tensor) -> torch.Tensor:
         """s * B A x for an input that already went through the LoRA dropout, laid out like the base's
         output (before any gather_output)."""
-        from megatron.core.tensor_parallel.mappings import (
-            copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
-            reduce_from_tensor_model_parallel_region, reduce_scatter_to_sequence_parallel_region)
+        from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                            gather_from_sequence_parallel_region,
+                                                            reduce_from_tensor_model_parallel_region,
+                                                            reduce_scatter_to_sequence_parallel_region)
 
         u = F.linear(x_dropped, self.lora_A.weight) * self.scaling  # [s(/TP), b, r]
         g = self.tp_group
@@ -388,8 +390,6 @@ class LoRAEmbedding(_LoRAWrapper):
 def lora_modules(model: nn.Module) -> Iterator[tuple[int | None, str, nn.Module]]:
     """(global 1-based layer number or None for embedding/output, target, module) for every LoRA (and
     DoRA) module of this stage."""
-    from framework.peft.wrapping import peft_modules
-
     for mod in peft_modules(model):
         if isinstance(mod, (LoRALinear, LoRAEmbedding)):
             yield mod.layer_number, mod.target, mod

@@ -35,7 +35,7 @@ import logging
 import torch
 
 from framework.models.fused_layout import fuse_gate_up, fuse_qkv, shard, split_qkv, unfuse_gate_up
-from framework.models.kv_replication import dereplicate_rows, replicate_rows
+from framework.models.kv_replication import dereplicate_rows, extra_copies, replicate_rows
 from framework.models.unwrap import unwrap_model
 from framework.peft.lora import TARGETS, LoRALinear, apply_lora, lora_modules, targets_problems
 from framework.peft.nf4 import NF4Weight
@@ -163,8 +163,6 @@ def quantized_numel(model) -> int:
     """Base-weight elements this rank stores as NF4 (they are buffers, not parameters), each KV head that is
     replicated over TP ranks counted on its first copy only (framework/models/kv_replication.py
     ``extra_copies``, as parameter counts do): summed over TP ranks, the model's own count."""
-    from framework.models.kv_replication import extra_copies
-
     copies = extra_copies(model)
     return sum(m.numel() - copies.get(id(m), 0) for m in model.modules() if isinstance(m, NF4Weight))
 

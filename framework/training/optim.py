@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from framework.models import kv_replication
+from framework.models.kv_replication import count_copies_once
 from framework.peft.lora_plus import lr_multiplier
 
 
@@ -16,8 +18,6 @@ def wrap_ddp(model, use_distributed_optimizer: bool = False):
     """megatron DDP: gradients of trainable parameters live in contiguous fp32 buffers, reduced over DP."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-
-    from framework.models import kv_replication
 
     config = model.config
     ddp = DistributedDataParallel(
@@ -50,8 +50,6 @@ def build_optimizer(ddp_model, trainer, precision: str = "fp32", total_steps: in
         use_distributed_optimizer=ddp_model.ddp_config.use_distributed_optimizer,
     )
     opt = get_megatron_optimizer(config, [ddp_model], config_overrides=lr_overrides(ddp_model, config))
-    from framework.models.kv_replication import count_copies_once
-
     count_copies_once(opt, ddp_model)  # a KV head replicated over TP counts once in the grad norm
     steps = int(trainer.max_steps if total_steps is None else total_steps)
     warmup = min(int(trainer.warmup_steps), steps - 1)
