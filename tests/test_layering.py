@@ -132,3 +132,52 @@ def test_the_checks_find_what_they_look_for():
     tmp = ROOT / "framework" / "models" / "config.py"
     assert "framework.runtime.errors" in imports_of(ROOT / "framework" / "checkpoint" / "model_checks.py")
     assert module_name(tmp) == "framework.models.config"
+
+
+#: What a function may import when it runs rather than its module when it loads: dependencies that take
+#: seconds to import (megatron-core ~4 s; validation, data preparation and --help run without it) or that
+#: are optional (Transformer Engine, W&B, psutil, bitsandbytes, the HF libraries used for conversion).
+LAZY = ("megatron", "transformer_engine", "transformers", "tokenizers", "wandb", "psutil", "bitsandbytes",
+        "peft", "trl")
+#: our modules that import megatron-core when they load (building on its classes)
+LAZY_OWN = ("framework.models.attention", "framework.models.parallel_block", "framework.training.engine")
+
+
+def imports_inside_functions(source: str) -> list[tuple[int, str]]:
+    """(line, module) of each import in a function body of ``source`` that a ``try`` does not guard."""
+    found = []
+
+    class Visitor(ast.NodeVisitor):
+        depth = guarded = 0
+
+        def visit_FunctionDef(self, node):
+            self.depth += 1
+            self.generic_visit(node)
+            self.depth -= 1
+
+        visit_AsyncFunctionDef = visit_FunctionDef
+
+        def visit_Try(self, node):
+            self.guarded += 1
+            self.generic_visit(node)
+            self.guarded -= 1
+
+        def visit_Import(self, node):
+            if self.depth and not self.guarded:
+                found.extend((node.lineno, a.name) for a in node.names)
+
+        def visit_ImportFrom(self, node):
+            if self.depth and not self.guarded:
+                found.append((node.lineno, "." * node.level + (node.module or "")))
+
+    Visitor().visit(ast.parse(source))
+    return found
+
+
+def test_imports_inside_functions_are_only_the_slow_or_optional_ones():
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {m} inside a function; import it at the top of the module"
+           for p in sorted((ROOT / "framework").rglob("*.py")) for line, m in imports_inside_functions(p.read_text())
+           if m.split(".")[0] not in LAZY and m not in LAZY_OWN]
+    assert not bad, "\n".join(bad)
+    made_up = "import os\ndef f():\n    import json\n    try:\n        import wandb\n    except ImportError:\n        pass\n"
+    assert imports_inside_functions(made_up) == [(3, "json")]  # the checker finds what it looks for

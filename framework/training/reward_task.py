@@ -37,10 +37,11 @@ from framework.models.registry import kind_of
 from framework.peft.registry import METHODS, config_problems, get_method
 from framework.runtime.errors import ConfigError
 from framework.runtime.text_table import table
-from framework.training import summary
+from framework.training import engine, summary
 from framework.training.engine import Job, Outcome, Report
-from framework.training.reward import (RewardMetrics, RewardOptions, collate_scored_pairs, options_problems,
-                                       reduce_metrics, reward_evaluate, reward_forward_step)
+from framework.training.reward import (RewardOptions, collate_scored_pairs, options_problems, reduce_metrics,
+                                       reward_evaluate, reward_forward_step)
+from framework.training.run_setup import TrainedWeights
 from framework.training.train_state import LoopState
 
 log = logging.getLogger("framework.reward")
@@ -187,8 +188,6 @@ class RewardTask:
         """Nothing before the first validation."""
 
     def after_training(self, job: Job) -> None:
-        from framework.training.run_setup import TrainedWeights
-
         save_score_head(job.model, TrainedWeights.of(job.cfg, job.model_cfg).dir(job.output_dir))
 
     def result(self, o: Outcome) -> RewardResult:
@@ -207,9 +206,7 @@ class RewardTask:
 
 def run(cfg: DictConfig) -> RewardResult:
     """Train a reward model (all ranks call)."""
-    from framework.training.engine import run as run_job
-
-    return run_job(cfg, RewardTask())
+    return engine.run(cfg, RewardTask())
 
 
 def summary_table(r: RewardResult, rt) -> str:
