@@ -27,7 +27,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from framework.checkpoint.adapter import load_adapter, read_adapter_config, save_adapter
+from framework.checkpoint.adapter import load_adapter, read_adapter_config, save_adapter, set_adapter_extras
+from framework.checkpoint.saved_tensors import KEY as SAVED
 from framework.peft.merge import is_merged
 from framework.peft.registry import get_method
 from framework.peft.wrapping import peft_modules, remove_peft
@@ -68,6 +69,10 @@ class NamedAdapters:
         adapter.yaml."""
         d = Path(directory) if directory is not None else self.directory(name)
         meta = read_adapter_config(d)
+        if meta.get(SAVED):  # loading writes them over the base, which every adapter here shares
+            raise ValueError(f"adapter {name!r} ({d}) carries whole base tensors ({', '.join(meta[SAVED])}: HF PEFT's "
+                             f"modules_to_save or trained biases), which replace the shared base's; load it alone "
+                             f"(framework.checkpoint.trained.load_trained on its own model)")
         cfg = {k: v for k, v in meta.items() if k not in _FILE_KEYS}
         self._put_on(cfg, reuse=True)
         load_adapter(self.model, d, self.model_cfg)
@@ -86,6 +91,7 @@ class NamedAdapters:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(shards[n])
+        set_adapter_extras(self.model, cfg)  # an imported adapter's per-column scales and HF layout
         self.active = name
 
     def deactivate(self) -> None:

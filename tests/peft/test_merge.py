@@ -16,7 +16,9 @@ import json
 
 import pytest
 import torch
+import yaml
 
+from framework.checkpoint.adapter import wrapper_key
 from launch.spawn import run_distributed
 from tests.hf_models import fill_adapter, tiny_llama
 from tests.tolerances import FORWARD_REL
@@ -194,6 +196,8 @@ def _named_load_worker(hf_dir, root):
         out[name] = (meta["method"], forward_logits(model, tokens))
     named.activate("b")
     out["b_again"] = forward_logits(model, tokens)
+    named.activate("a")  # from DoRA's wrappers back to LoRA's, with adapter a's column scales
+    out["a_again"] = forward_logits(model, tokens)
     named.deactivate()
     out["base"] = forward_logits(model, tokens)
     return out
@@ -218,6 +222,17 @@ def test_named_adapters_switch_save_and_load_by_name(hf_dir, tmp_path):
     tp2 = res[0]["logits"]
     loaded = run_distributed(_named_load_worker, 1, hf_dir, tmp_path, timeout=200)[0]
     assert [loaded[n][0] for n in ("a", "b", "c")] == ["lora", "ia3", "dora"]
+    assert torch.equal(loaded["a_again"], loaded["a"][1])  # switching back keeps the column scales of its file
+
+    # an adapter whose rank columns scale differently (an imported HF PEFT adapter of mixed ranks/alphas)
+    meta_file = tmp_path / "adapters" / "a" / "adapter.yaml"
+    meta = yaml.safe_load(meta_file.read_text())
+    s = CASES["lora"]["alpha"] / CASES["lora"]["rank"]
+    meta["column_scales"] = {wrapper_key(None, 0, "qkv"): [3 * s] + [s] * (CASES["lora"]["rank"] - 1)}
+    meta_file.write_text(yaml.safe_dump(meta))
+    scaled = run_distributed(_named_load_worker, 1, hf_dir, tmp_path, timeout=200)[0]
+    assert (scaled["a"][1] - loaded["a"][1]).abs().max() > 1e-3  # the scales change the model ...
+    assert torch.equal(scaled["a_again"], scaled["a"][1])  # ... and stay when the adapter is switched back to
     # TP=1 adds the TP=2 sums in another order: FORWARD_REL (tests/tolerances.py) of the logits' terms, whose
     # scale is ~1 here (64 normed activations times output weights of ~0.02)
     for name in ("a", "b", "c"):
