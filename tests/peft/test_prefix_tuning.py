@@ -342,3 +342,7 @@ def test_bad_prefix_config_is_refused(tiny_tokenizer_dir):
     assert "peft.num_virtual_tokens=1000 + data.max_length=64 = 1064 positions" in msg
     assert "peft.init_weights='ones'" in msg
     assert "peft.encoder_hidden_size=0" in msg
+    windowed = _compose(["model=tiny_llama", "model.source=random", f"model.tokenizer={tiny_tokenizer_dir}",
+                         "peft=prefix_tuning", "data.packing=true", "+model.arch.sliding_window=16"])
+    with pytest.raises(ConfigError, match="sliding_window=16"):
+        validate(windowed, 1)
