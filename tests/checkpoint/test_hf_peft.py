@@ -74,6 +74,7 @@ def test_bad_peft_adapters_are_refused(tmp_path):
     import json
 
     from framework.checkpoint.peft_import import PeftImportError, import_peft
+    from framework.runtime.errors import CheckpointError
     from framework.models.config import ModelConfig
 
     (tmp_path / "p").mkdir()
@@ -85,8 +86,11 @@ def test_bad_peft_adapters_are_refused(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "p" / "adapter_model.safetensors"))
     with pytest.raises(PeftImportError, match="layer_replication"):
         import_peft(tmp_path / "p", tmp_path / "o", ModelConfig())
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
+    with pytest.raises(PeftImportError, match="peft_type='LOHA'"):
+        import_peft(tmp_path / "p", tmp_path / "o", ModelConfig())
     (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
-    with pytest.raises(PeftImportError, match="peft_type='PREFIX_TUNING'"):
+    with pytest.raises(CheckpointError, match="task_type=None; prefix tuning imports for CAUSAL_LM"):
         import_peft(tmp_path / "p", tmp_path / "o", ModelConfig())
     with pytest.raises(PeftImportError, match="not found"):
         import_peft(tmp_path / "nothing", tmp_path / "o", ModelConfig())
