@@ -23,9 +23,10 @@ import pytest
 import torch
 
 from launch.spawn import run_distributed
-from tests.hf_models import fill_trainable, tiny_llama
 from tests.dpo_cases import (ROOT, SHAPE, VARIANTS, as_pairs, assert_metrics, build_from_hf, fixed_examples, run_dpo,
                              tiny_dpo, trl_dpo)
+from tests.hf_models import fill_trainable, tiny_llama
+from tests.tolerances import DPO_ATOL
 
 QLORA = dict(method="qlora", rank=4, alpha=8.0, dropout=0.0, rslora=False, targets=["qkv", "proj", "fc1", "fc2"],
              block_size=64, scaler_block_size=256)
@@ -77,8 +78,8 @@ def _worker(base_dir):
     from framework.peft.nf4 import NF4Weight
     from framework.runtime.distributed import initialize
     from framework.training.dpo import DPOOptions, dpo_forward_backward
-    from framework.training.dpo_task import pair_batches
     from framework.training.dpo_reference import AdaptersDisabled
+    from framework.training.dpo_task import pair_batches
     from framework.training.optim import wrap_ddp
 
     rt = initialize(tp=1, pp=1, seed=0)
@@ -139,6 +140,8 @@ def test_short_qlora_run_raises_reward_accuracy(tiny_hf, tiny_tokenizer_dir, tmp
                    f"data.validation={pairs}", "data.validation_split=null", "trainer.eval_samples=32",
                    "trainer.max_steps=20", "trainer.eval_interval=100", "trainer.save_interval=null", "trainer.lr=5e-3")
     history, before, after, trained = run_distributed(run_dpo, 1, cfg, timeout=250)[0]
-    assert before["reward_accuracy"] == 0 and before["loss"] == pytest.approx(0.693147, abs=1e-5)
+    # before training the policy is the reference up to rounding (a fp32 forward of the same weights in another
+    # batch or thread split): margins within DPO_ATOL of 0, so the reward accuracy only counts rounding's signs
+    assert abs(before["reward_margin"]) <= DPO_ATOL and before["loss"] == pytest.approx(0.693147, abs=DPO_ATOL)
     assert after["reward_accuracy"] >= 0.8 and after["reward_margin"] > 0 and after["loss"] < before["loss"], after
     assert os.path.isfile(os.path.join(trained, "adapter.safetensors"))
