@@ -34,8 +34,7 @@ import re
 
 import torch
 
-from framework.models.fused_layout import fuse_gate_up, fuse_qkv, shard, split_qkv, unfuse_gate_up
-from framework.models.kv_replication import dereplicate_rows, replicate_rows
+from framework.peft.hf_sources import source_layout
 
 #: A's initialisations that leave the base alone (HF PEFT's True and "gaussian")
 PLAIN_INITS = ("kaiming", "gaussian")
@@ -81,27 +80,6 @@ def factors(weight: torch.Tensor, rank: int, scaling: float, init: str, seed: in
         a = torch.diag(torch.sqrt(sr)) @ uhr
         b = vr @ torch.diag(torch.sqrt(sr))
     return a, b, w - scaling * b @ a
-
-
-def source_layout(layer, weight: torch.Tensor, kv_spec):
-    """(the full HF tensors of ``layer``'s weight, the function laying tensors shaped like them out as this
-    rank's local tensor). The full matrix is gathered over TP for the time of the call."""
-    tp, rank = layer.tp_size, layer.tp_rank
-    shards = [weight]
-    if tp > 1:
-        shards = [torch.empty_like(weight) for _ in range(tp)]
-        torch.distributed.all_gather(shards, weight.contiguous(), group=layer.tp_group)
-    config = layer.base_layer.config
-    if layer.target == "qkv":
-        n = config.num_attention_heads
-        g = kv_spec.num_groups if kv_spec is not None else config.num_query_groups
-        q, k, v = split_qkv(torch.cat(dereplicate_rows(shards, n, g), dim=0), n, g)
-        return [q, k, v], lambda ts: replicate_rows(fuse_qkv(*ts, n, g), n, g, tp, rank)
-    if layer.glu_fused:
-        gate, up = unfuse_gate_up(shards)
-        return [gate, up], lambda ts: fuse_gate_up(ts[0], ts[1], rank, tp)
-    dim = 0 if layer.parallel_mode == "column" else 1
-    return [torch.cat(shards, dim=dim)], lambda ts: shard(ts[0], dim, rank, tp)
 
 
 @torch.no_grad()

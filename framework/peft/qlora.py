@@ -34,9 +34,9 @@ import logging
 
 import torch
 
-from framework.models.fused_layout import fuse_gate_up, fuse_qkv, shard, split_qkv, unfuse_gate_up
-from framework.models.kv_replication import dereplicate_rows, extra_copies, replicate_rows
+from framework.models.kv_replication import extra_copies
 from framework.models.unwrap import unwrap_model
+from framework.peft.hf_sources import source_layout
 from framework.peft.lora import TARGETS, LoRALinear, apply_lora, lora_modules, targets_problems
 from framework.peft.nf4 import NF4Weight
 
@@ -87,36 +87,11 @@ class QLoRALinear(LoRALinear):
         super().merge()
 
 
-def _source_layout(layer: LoRALinear, weight: torch.Tensor, kv_spec):
-    """(the full source tensors, the function laying tensors shaped like them out as this rank's weight).
-
-    The sources are the tensors a Hugging Face checkpoint holds -- q, k, v for ``qkv``; gate and up for a gated
-    ``fc1``; the whole matrix otherwise -- so the blocks are the ones bitsandbytes makes of that checkpoint,
-    at every TP layout. The full matrix is gathered over TP for the time of the quantisation (one layer).
-    """
-    tp, rank = layer.tp_size, layer.tp_rank
-    shards = [weight]
-    if tp > 1:
-        shards = [torch.empty_like(weight) for _ in range(tp)]
-        torch.distributed.all_gather(shards, weight.contiguous(), group=layer.tp_group)
-    config = layer.base_layer.config
-    if getattr(layer, "target", None) == "qkv":
-        n = config.num_attention_heads
-        g = kv_spec.num_groups if kv_spec is not None else config.num_query_groups
-        q, k, v = split_qkv(torch.cat(dereplicate_rows(shards, n, g), dim=0), n, g)
-        return [q, k, v], lambda ts: replicate_rows(fuse_qkv(*ts, n, g), n, g, tp, rank)
-    if getattr(layer, "glu_fused", False):
-        gate, up = unfuse_gate_up(shards)
-        return [gate, up], lambda ts: fuse_gate_up(ts[0], ts[1], rank, tp)
-    dim = 0 if layer.parallel_mode == "column" else 1
-    return [torch.cat(shards, dim=dim)], lambda ts: shard(ts[0], dim, rank, tp)
-
-
 def quantize_base(layer: LoRALinear, block_size: int = 64, scaler_block_size: int = 256,
                   kv_spec=None) -> tuple[int, int]:
     """Store ``layer.base_layer.weight`` (this rank's shard) as NF4 in place; return (bytes before, after).
 
-    The blocks are those of the full source tensors (:func:`_source_layout`): every layout holds the same
+    The blocks are those of the full source tensors (framework/peft/hf_sources.py): every layout holds the same
     quantised model, bit for bit the one bitsandbytes makes of the Hugging Face checkpoint. ``kv_spec``: the
     model's KV-head replication (``gpt.kv_replication``), None without.
     """
@@ -126,7 +101,7 @@ def quantize_base(layer: LoRALinear, block_size: int = 64, scaler_block_size: in
         raise ValueError(f"{layer.target} of layer {layer.layer_number} is already quantised")
     before = weight.numel() * weight.element_size()
     with torch.no_grad():
-        sources, to_local = _source_layout(layer, weight.detach(), kv_spec)
+        sources, to_local = source_layout(layer, weight.detach(), kv_spec)
         nf4 = NF4Weight.from_sources(sources, to_local, tuple(weight.shape), weight.dtype, block_size,
                                      scaler_block_size)
     del sources

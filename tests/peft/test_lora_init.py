@@ -46,7 +46,7 @@ def _ours(hf_dir, tp, init):
     from framework.inference.logits import forward_logits
     from framework.models.registry import build_model, config_from_hf
     from framework.peft.lora import apply_lora, lora_modules
-    from framework.peft.lora_init import source_layout
+    from framework.peft.hf_sources import source_layout
     from framework.runtime.distributed import initialize
 
     initialize(tp=tp, pp=1, seed=0)
@@ -111,7 +111,7 @@ def _niter_worker(hf_dir, tp):
     from framework.checkpoint.hf_import import load_hf_into_gpt
     from framework.models.registry import build_model, config_from_hf
     from framework.peft.lora import apply_lora, lora_modules
-    from framework.peft.lora_init import source_layout
+    from framework.peft.hf_sources import source_layout
     from framework.runtime.distributed import initialize
 
     initialize(tp=tp, pp=1, seed=0)
